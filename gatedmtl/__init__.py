@@ -1,1 +1,17 @@
-"""gatedmtl."""
+"""gatedmtl: gated multi-task networks for the edge.
+
+Convert any backbone into a shared branch plus one branch per task, train straight-through
+channel gates at a FLOP budget, prune every closed gate away, profile and export to ONNX.
+"""
+
+from .cost import analyze, count_flops, count_params, expected_flops, flop_bounds, predict_flops
+from .gates import ChannelGate
+from .prune import LeanModel, prune
+from .surgery import GatedModel, convert, gate_layers
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChannelGate", "GatedModel", "LeanModel", "analyze", "convert", "count_flops", "count_params",
+    "expected_flops", "flop_bounds", "gate_layers", "predict_flops", "prune", "__version__",
+]

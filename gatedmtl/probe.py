@@ -1,0 +1,118 @@
+"""One instrumented forward pass of a plain backbone: which modules run, in what order, and
+which convolutions feed a channel-wise norm *exclusively* (so the gate can sit after the
+norm, keeping conv+norm fusable in the lean model)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from .slots import iter_tensors
+
+__all__ = ["ProbeResult", "probe"]
+
+
+@dataclass
+class ProbeResult:
+    """What one forward pass revealed about the candidate modules (by dotted name)."""
+
+    order: list[str] = field(default_factory=list)  # first-call order
+    calls: dict[str, int] = field(default_factory=dict)
+    out_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # first call's output
+    pairs: dict[str, str] = field(default_factory=dict)  # conv name -> norm name that consumes it exclusively
+    output: Any = None
+
+
+class _UseRecorder(TorchFunctionMode):
+    """Marks a watched tensor as used when any torch function outside its consumer reads it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watched: dict[int, str] = {}
+        self.alive: list[Tensor] = []  # keeps watched tensors alive so that ids stay unique
+        self.foreign: set[str] = set()
+        self.consuming: list[int | None] = []
+        self.paused = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if not self.paused and self.watched:
+            current = self.consuming[-1] if self.consuming else None
+            for t in iter_tensors((args, kwargs)):
+                name = self.watched.get(id(t))
+                if name is not None and id(t) != current:
+                    self.foreign.add(name)
+        return func(*args, **kwargs)
+
+
+def _is_pair_candidate(conv: nn.Module, norm: nn.Module) -> bool:
+    return (
+        isinstance(conv, nn.modules.conv._ConvNd)
+        and isinstance(norm, nn.modules.batchnorm._BatchNorm)
+        and norm.num_features == conv.out_channels
+    )
+
+
+@torch.no_grad()
+def probe(model: nn.Module, candidates: dict[str, nn.Module], example: Tensor) -> ProbeResult:
+    """Run ``model(example)`` in eval mode and record the candidates' calls and pairings."""
+    result = ProbeResult()
+    rec = _UseRecorder()
+    by_id: dict[int, str] = {id(m): n for n, m in candidates.items()}
+    consumed_by: dict[str, list[str | None]] = defaultdict(list)  # conv -> consumer norm per call
+    norm_inputs: dict[str, list[str | None]] = defaultdict(list)  # norm -> producing conv per call
+    handles = []
+
+    def pre_hook(module: nn.Module, args: tuple) -> None:
+        rec.paused += 1
+        name = by_id[id(module)]
+        producer = rec.watched.get(id(args[0])) if args and isinstance(args[0], Tensor) else None
+        if producer is not None and (len(args) != 1 or not _is_pair_candidate(candidates[producer], module)):
+            rec.foreign.add(producer)
+            producer = None
+        norm_inputs[name].append(producer)
+        if producer is not None:
+            consumed_by[producer].append(name)
+        rec.consuming.append(id(args[0]) if producer is not None else None)
+        rec.paused -= 1
+
+    def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
+        rec.paused += 1
+        rec.consuming.pop()
+        name = by_id[id(module)]
+        if name not in result.calls:
+            result.order.append(name)
+            result.calls[name] = 0
+            if isinstance(output, Tensor):
+                result.out_shapes[name] = tuple(output.shape)
+        result.calls[name] += 1
+        if isinstance(module, nn.modules.conv._ConvNd) and isinstance(output, Tensor):
+            rec.watched[id(output)] = name
+            rec.alive.append(output)
+        rec.paused -= 1
+
+    for m in candidates.values():
+        handles.append(m.register_forward_pre_hook(pre_hook))
+        handles.append(m.register_forward_hook(post_hook))
+    try:
+        with rec:
+            result.output = model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    for t in iter_tensors(result.output):  # a conv output returned as a model output is not exclusive
+        if id(t) in rec.watched:
+            rec.foreign.add(rec.watched[id(t)])
+    for conv, norms in consumed_by.items():
+        calls = result.calls.get(conv, 0)
+        if conv in rec.foreign or len(norms) != calls or len(set(norms)) != 1:
+            continue
+        norm = norms[0]
+        if all(p == conv for p in norm_inputs[norm]) and result.calls.get(norm) == calls:
+            result.pairs[conv] = norm
+    return result

@@ -1,0 +1,238 @@
+"""``convert``: any backbone -> one shared branch + one branch per task, with channel gates."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .gates import ChannelGate
+from .probe import probe
+from .slots import SlotModule, fold, is_slot_unit, unfold_slot
+
+__all__ = ["GatedModel", "convert", "gate_layers", "default_input_size", "gateable"]
+
+_DEFAULT_INPUT_SIZE = (3, 224, 224)
+
+
+def default_input_size(backbone: nn.Module) -> tuple[int, ...]:
+    """``(C, H, W)`` from timm's ``pretrained_cfg`` when present, else ``(3, 224, 224)``."""
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(backbone, attr, None)
+        if isinstance(cfg, Mapping) and cfg.get("input_size"):
+            return tuple(int(v) for v in cfg["input_size"])
+    return _DEFAULT_INPUT_SIZE
+
+
+def gateable(module: nn.Module) -> str | None:
+    """Why ``module``'s output channels cannot be gated, or ``None`` when they can."""
+    if isinstance(module, nn.Linear):
+        return None
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if module.transposed:
+            return "transposed convolution"
+        depthwise = module.groups == module.in_channels == module.out_channels
+        if module.groups != 1 and not depthwise:
+            return f"grouped convolution (groups={module.groups}): kept filters would break the group structure"
+        return None
+    return "not a convolution or linear layer"
+
+
+def _validate_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(tasks, str) or not isinstance(tasks, Sequence):
+        raise TypeError(f"tasks must be a list of task names, got {tasks!r}")
+    names = tuple(tasks)
+    if not names:
+        raise ValueError("tasks is empty: give at least one task name, e.g. ['seg', 'depth']")
+    for t in names:
+        if not isinstance(t, str) or not t or not t.isidentifier():
+            raise ValueError(f"task name {t!r} is not a valid identifier (letters, digits, '_')")
+    dupes = sorted({t for t in names if names.count(t) > 1})
+    if dupes:
+        raise ValueError(f"duplicate task names: {dupes}")
+    return names
+
+
+class GatedModel(nn.Module):
+    """A backbone whose parameter-owning modules hold one copy per slot (shared + tasks).
+
+    ``forward(x[B, C, H, W]) -> {task: output}`` where each output has the structure of
+    ``backbone(x)`` (a tensor, or a list of feature maps for ``features_only`` models).
+    """
+
+    def __init__(self, backbone: nn.Module, tasks: Sequence[str], gate_names: Sequence[str],
+                 input_size: tuple[int, ...]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.tasks = tuple(tasks)
+        self.gate_names = list(gate_names)
+        self.input_size = tuple(input_size)
+        self._analysis_cache: dict[tuple[int, ...], Any] = {}
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.tasks) + 1
+
+    def gates(self) -> list[ChannelGate]:
+        """Gate modules in forward order."""
+        return [self.backbone.get_submodule(n).gate for n in self.gate_names]
+
+    def check_input(self, x: Any) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"expected an image tensor [B, {self.input_size[0]}, H, W], got {type(x).__name__}")
+        if x.dim() != len(self.input_size) + 1 or x.shape[1] != self.input_size[0]:
+            raise ValueError(
+                f"input of shape {tuple(x.shape)} does not fit this backbone: expected "
+                f"[B, {self.input_size[0]}, ...] with {len(self.input_size) + 1} dims, e.g. (1, {', '.join(map(str, self.input_size))})"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"input must be a floating-point tensor, got {x.dtype}")
+
+    def forward(self, x: Tensor) -> dict[str, Any]:
+        self.check_input(x)
+        return run_folded(self.backbone, x, self.tasks, self.input_size)
+
+    def extra_repr(self) -> str:
+        return f"tasks={self.tasks}, gates={len(self.gate_names)}"
+
+
+def run_folded(backbone: nn.Module, x: Tensor, tasks: Sequence[str], input_size: tuple[int, ...]) -> dict[str, Any]:
+    """Fold ``x`` over the slots, run the backbone once and split its output per task."""
+    num_slots = len(tasks) + 1
+    try:
+        out = backbone(fold(x, num_slots))
+    except (RuntimeError, AssertionError) as e:
+        if tuple(x.shape[1:]) == tuple(input_size):
+            raise
+        raise ValueError(
+            f"the backbone rejected an input of shape {tuple(x.shape)} (it was built for {tuple(input_size)}): {e}"
+        ) from e
+    return {t: unfold_slot(out, i + 1, num_slots) for i, t in enumerate(tasks)}
+
+
+def _parents(root: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """Every (parent, attribute) under which each module object is registered."""
+    where: dict[int, list[tuple[nn.Module, str]]] = {}
+    for parent in root.modules():
+        for attr, child in parent._modules.items():
+            if child is not None:
+                where.setdefault(id(child), []).append((parent, attr))
+    return where
+
+
+def _load_task_weights(model: nn.Module, slot: int, task: str, state: Mapping[str, Tensor]) -> None:
+    missing = []
+    for name, module in model.named_modules():
+        if not isinstance(module, SlotModule):
+            continue
+        target = module.slots[slot]
+        for key, value in target.state_dict().items():
+            src = state.get(f"{name}.{key}")
+            if src is None:
+                missing.append(f"{name}.{key}")
+            elif src.shape != value.shape:
+                raise ValueError(f"task '{task}' weights: {name}.{key} has shape {tuple(src.shape)}, expected {tuple(value.shape)}")
+        if not missing:
+            target.load_state_dict({k: state[f"{name}.{k}"] for k in target.state_dict()})
+    if missing:
+        raise ValueError(f"task '{task}' weights lack {len(missing)} backbone keys, e.g. {missing[:3]}: "
+                         "give a state dict of the same backbone architecture")
+
+
+def convert(
+    backbone: nn.Module,
+    tasks: Sequence[str],
+    *,
+    input_size: tuple[int, ...] | None = None,
+    init_logit: float = 1.0,
+    task_weights: Mapping[str, Mapping[str, Tensor]] | None = None,
+) -> GatedModel:
+    """Turn ``backbone`` into a :class:`GatedModel` with a shared slot and one slot per task.
+
+    Args:
+        backbone: any ``nn.Module`` (timm model, ``features_only`` model, torchvision ResNet, ...).
+            It is copied; the original is left untouched.
+        tasks: unique task names (identifiers).
+        input_size: ``(C, H, W)`` used to probe the backbone once; defaults to timm's
+            ``pretrained_cfg['input_size']`` or ``(3, 224, 224)``.
+        init_logit: initial gate logit for every task channel (> 0: open, < 0: closed).
+        task_weights: optional ``{task: backbone state dict}`` (e.g. single-task checkpoints)
+            that initialise task branches instead of the backbone's own weights.
+
+    Every slot starts as a copy of the backbone, so before training every task's output
+    equals ``backbone(x)`` for any gate pattern.
+    """
+    names = _validate_tasks(tasks)
+    if not isinstance(backbone, nn.Module):
+        raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
+    if isinstance(backbone, GatedModel):
+        raise TypeError("backbone is already a GatedModel")
+    size = tuple(input_size) if input_size is not None else default_input_size(backbone)
+    num_slots = len(names) + 1
+    model = copy.deepcopy(backbone)
+    was_training = backbone.training
+    model.eval()
+
+    units = {n: m for n, m in model.named_modules() if n and is_slot_unit(m)}
+    if not units and is_slot_unit(model):
+        raise ValueError("the backbone is a single layer; wrap it in a container module")
+    example = torch.randn(2, *size)
+    try:
+        found = probe(model, units, example)
+    except Exception as e:  # the user's backbone failed on its own input: say what was tried
+        raise ValueError(f"the backbone failed on a probe input of shape {tuple(example.shape)}: {e}. "
+                         "Pass input_size=(C, H, W) that the backbone accepts.") from e
+
+    gated_output: dict[str, str] = {}  # unit whose output is mixed -> producer conv/linear
+    for name in found.order:
+        if name in found.pairs.values():
+            continue
+        module = units[name]
+        if gateable(module) is not None:
+            continue
+        shape = found.out_shapes.get(name)
+        channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+        dim = -1 if isinstance(module, nn.Linear) else 1
+        if shape is None or len(shape) < 2 or shape[dim] != channels:
+            continue
+        gated_output[found.pairs.get(name, name)] = name
+    if not gated_output:
+        raise ValueError(f"{type(backbone).__name__} has no convolution or linear layer that gatedmtl can gate")
+
+    where = _parents(model)
+    order: list[str] = []
+    for name in found.order:  # units never called in the probe stay shared (plain modules)
+        module = units[name]
+        gate = None
+        if name in gated_output.keys():
+            producer = units[gated_output[name]]
+            linear = isinstance(producer, nn.Linear)
+            channels = producer.out_features if linear else producer.out_channels
+            gate = ChannelGate(len(names), channels, -1 if linear else 1, init_logit)
+            gate.name = name
+            order.append(name)
+        slotted = SlotModule(module, num_slots, gate)
+        slotted.name = name
+        slotted.producer = gated_output.get(name)
+        for parent, attr in where[id(module)]:
+            parent._modules[attr] = slotted
+    model = GatedModel(model, names, order, size)
+    if task_weights:
+        unknown = set(task_weights) - set(names)
+        if unknown:
+            raise ValueError(f"task_weights for unknown tasks {sorted(unknown)}; tasks are {list(names)}")
+        for i, task in enumerate(names):
+            if task in task_weights:
+                _load_task_weights(model.backbone, i + 1, task, task_weights[task])
+    model.train(was_training)
+    return model
+
+
+def gate_layers(model: GatedModel) -> list[ChannelGate]:
+    """The :class:`ChannelGate` modules of a converted model, in forward order."""
+    if not isinstance(model, GatedModel):
+        raise TypeError(f"expected a GatedModel from gatedmtl.convert, got {type(model).__name__}")
+    return model.gates()
