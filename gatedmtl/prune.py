@@ -78,6 +78,21 @@ class LeanGatedLayer(nn.Module):
             self.register_buffer(f"restore_{t}", idx)
         self.register_buffer("weights", weights)
 
+    def __getattr__(self, name: str) -> Any:
+        # Backbone code may read attributes of the layer it called (``.weight.dtype``,
+        # ``.kernel_size``): answer them from the first computed branch's layer.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            branches = self.__dict__.get("_modules", {}).get("branches")
+            if branches is None or name.startswith("__"):
+                raise
+            for present, branch in zip(self.__dict__.get("present", ()), branches):
+                if present:
+                    layer = branch[0] if isinstance(branch, nn.Sequential) else branch
+                    return getattr(layer, name)
+            raise
+
     def _branch(self, s: int, x: Tensor) -> Tensor | None:
         if not self.present[s]:
             return None

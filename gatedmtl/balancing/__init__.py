@@ -1,0 +1,75 @@
+"""Loss-balancing strategies for multi-task training.
+
+A registry of plain classes sharing the :class:`Strategy` interface::
+
+    from gatedmtl import balancing
+    balancing.available()                     # sorted names
+    balancing.describe()                      # [(name, description, {option: default})]
+    s = balancing.create("db_mtl", tasks=["seg", "depth", "normals"], beta=0.9)
+    weights = s.backward(losses, shared_params, task_params, step=k, epoch=e)
+
+Loss-level (``needs_grads = False``): ``ew``, ``si``, ``dwa``, ``uw``, ``rlw``, ``famo``,
+``go4align``. Gradient-level on the shared parameters (``needs_grads = True``): ``pcgrad``,
+``upgrad``, ``mgda``, ``imtl_g``, ``cagrad``, ``nash_mtl``, ``gradnorm``, ``db_mtl``.
+
+Scale of the update relative to EW's :math:`\\sum_t \\nabla L_t`; the last column is the
+update when every task has the same gradient :math:`g` and the same loss :math:`L` (checked by
+``tests/test_balancing.py::test_documented_scale``), EW giving :math:`T g`:
+
+========== ======================================================== ==========================
+name       scale                                                    identical gradients
+========== ======================================================== ==========================
+ew         sum (weights 1)                                          T g
+dwa        sum (weights sum to T; 1 until two epochs are known)     T g
+gradnorm   sum (weights T softmax(l) sum to T)                      T g
+pcgrad     sum of the projected gradients (= EW without conflicts)  T g
+mgda       T x min-norm point of the convex hull (weights sum to T) T g
+go4align   cluster centroids of gamma (= 1 when losses are equal)   T g
+cagrad     T/(1+c^2) x (mean + conflict-averse correction)          (1+c)/(1+c^2) T g
+uw         (1/2) e^{-s_t} (s = 0 at start)                          T g / 2
+rlw        mean (weights on the simplex)                            g
+famo       mean (weights z_t/(c D_t) sum to 1)                      g
+imtl_g     mean (weights sum to 1)                                  g
+upgrad     mean (preference 1/T)                                    g
+si         1/L_t per task (loss-scale invariant)                    T g / L
+db_mtl     T x largest EMA log-loss gradient (loss-scale invariant) (1-beta^k) T g / L, step k
+nash_mtl   alpha_t g_t.d = 1 (gradient-scale free), norm <= max_norm g/|g| (max_norm 1)
+========== ======================================================== ==========================
+"""
+
+from ._base import GradientStrategy, LossStrategy, Strategy
+from ._registry import available, create, describe, register
+from ._linear import EW, RLW, SI
+from ._adaptive import DWA, UW
+from ._famo import FAMO
+from ._go4align import GO4Align
+from ._kmeans1d import kmeans_1d
+from ._dbmtl import DBMTL
+from ._gradnorm import GradNorm
+from ._aggregators import CAGrad, IMTLG, MGDA, NashMTL, PCGrad, UPGrad
+
+__all__ = [
+    "Strategy",
+    "LossStrategy",
+    "GradientStrategy",
+    "create",
+    "available",
+    "describe",
+    "register",
+    "kmeans_1d",
+    "EW",
+    "SI",
+    "RLW",
+    "UW",
+    "DWA",
+    "FAMO",
+    "GO4Align",
+    "DBMTL",
+    "GradNorm",
+    "PCGrad",
+    "UPGrad",
+    "MGDA",
+    "IMTLG",
+    "CAGrad",
+    "NashMTL",
+]

@@ -1,0 +1,122 @@
+"""Check that a backbone converts and prunes exactly: ``gatedmtl verify --model NAME``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .cost import count_flops, predict_flops
+from .prune import prune
+from .slots import SlotModule, iter_tensors
+from .surgery import GatedModel, convert
+
+__all__ = ["relative_error", "set_gates", "perturb_slots", "verify", "VerifyReport", "GATE_PATTERNS"]
+
+GATE_PATTERNS: tuple[str | float, ...] = ("open", "closed", 0.1, 0.5, 0.9)
+
+
+def relative_error(a: Any, b: Any) -> float:
+    """Largest scale-aware error ``max|a-b| / max|b|`` over matching tensors of two outputs."""
+    ta, tb = list(iter_tensors(a)), list(iter_tensors(b))
+    if len(ta) != len(tb):
+        raise ValueError(f"outputs differ in structure: {len(ta)} vs {len(tb)} tensors")
+    worst = 0.0
+    for x, y in zip(ta, tb):
+        if x.shape != y.shape:
+            raise ValueError(f"output shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
+        scale = y.detach().abs().max().clamp_min(1e-6)
+        worst = max(worst, float((x.detach() - y.detach()).abs().max() / scale))
+    return worst
+
+
+@torch.no_grad()
+def set_gates(model: GatedModel, pattern: str | float, generator: torch.Generator | None = None) -> None:
+    """Set every gate: ``"open"``, ``"closed"`` or a fraction of open channels (random), with random ``beta``."""
+    for gate in model.gates():
+        if pattern == "open":
+            gate.alpha.fill_(1.0)
+        elif pattern == "closed":
+            gate.alpha.fill_(-1.0)
+        else:
+            u = torch.rand(gate.alpha.shape, generator=generator)
+            gate.alpha.copy_(torch.where(u < float(pattern), 1.0, -1.0))
+        gate.beta.copy_(torch.randn(gate.beta.shape, generator=generator))
+
+
+@torch.no_grad()
+def perturb_slots(model: nn.Module, scale: float = 0.05, generator: torch.Generator | None = None) -> None:
+    """Make the slots differ: add relative noise to every floating parameter and running stat."""
+    for module in model.modules():
+        if isinstance(module, SlotModule):
+            for slot in module.slots:
+                for t in list(slot.parameters()) + [b for b in slot.buffers() if b.is_floating_point()]:
+                    noise = torch.randn(t.shape, generator=generator).to(t)
+                    t.add_(scale * noise * t.abs().mean().clamp_min(1e-3))
+
+
+@dataclass
+class VerifyReport:
+    """Worst errors found by :func:`verify` (all relative, scale-aware)."""
+
+    gates: int
+    convert_error: float
+    prune_error: dict[str, float] = field(default_factory=dict)
+    flops_backbone: int = 0
+    flops_predicted: dict[str, int] = field(default_factory=dict)
+    flops_lean: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def worst_prune_error(self) -> float:
+        return max(self.prune_error.values(), default=0.0)
+
+    @property
+    def worst_flop_error(self) -> float:
+        return max((abs(self.flops_predicted[k] - v) / max(v, 1) for k, v in self.flops_lean.items()), default=0.0)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"worst_prune_error": self.worst_prune_error, "worst_flop_error": self.worst_flop_error}
+
+
+def verify(backbone: nn.Module, tasks: Sequence[str] = ("a", "b", "c"), input_size: tuple[int, ...] | None = None,
+           patterns: Sequence[str | float] = GATE_PATTERNS, batch: int = 2, seed: int = 0,
+           flops: bool = True) -> VerifyReport:
+    """Convert ``backbone``, then measure convert parity, prune parity and FLOP prediction.
+
+    Convert parity: every task output vs ``backbone(x)`` with random gates. Prune parity and
+    FLOPs: with perturbed slots, for each gate pattern, ``prune(model)(x)`` vs ``model(x)``
+    and ``predict_flops`` vs fvcore on the lean model.
+    """
+    start = time.perf_counter()
+    gen = torch.Generator().manual_seed(seed)
+    backbone = backbone.eval()
+    model = convert(backbone, tasks, input_size=input_size).eval()
+    size = model.input_size
+    x = torch.randn((batch, *size), generator=gen)
+    set_gates(model, 0.5, gen)
+    with torch.no_grad():
+        ref = backbone(x)
+        out = model(x)
+    report = VerifyReport(gates=len(model.gate_names),
+                          convert_error=max(relative_error(out[t], ref) for t in model.tasks))
+    if flops:
+        report.flops_backbone = count_flops(backbone, (1, *size))
+    perturb_slots(model, generator=gen)
+    for pattern in patterns:
+        set_gates(model, pattern, gen)
+        lean = prune(model).eval()
+        with torch.no_grad():
+            a, b = model(x), lean(x)
+        key = str(pattern)
+        report.prune_error[key] = max(relative_error(b[t], a[t]) for t in model.tasks)
+        if flops:
+            report.flops_predicted[key] = predict_flops(model, (1, *size))
+            report.flops_lean[key] = count_flops(lean, (1, *size))
+    report.seconds = time.perf_counter() - start
+    return report
+
