@@ -1,0 +1,149 @@
+"""FLOP budgets: parsing, the cost-aware sparsity hinge, and projection of the gates onto a budget.
+
+A budget is per sample for the gated encoder (heads are not gated) at the training input size:
+either a fraction of the full model (every one of the ``T + 1`` branches computed, i.e.
+``S`` backbones) or an absolute count such as ``"38.4GF"``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .cost import analyze, expected_flops, flop_bounds, predict_flops
+from .surgery import GatedModel
+
+__all__ = ["resolve_budget", "sparsity_loss", "task_targets_loss", "project_to_budget", "BudgetError"]
+
+_ABSOLUTE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([GMK]?)F(?:LOPS?)?\s*$", re.IGNORECASE)
+_SCALE = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9}
+
+
+class BudgetError(ValueError):
+    """The requested budget cannot be met by any gate pattern."""
+
+
+def resolve_budget(model: GatedModel, budget: float | str, input_size: Sequence[int] | None = None) -> float:
+    """Per-sample FLOPs for ``budget``: a fraction in (0, 1] of the full model, or ``"<x>GF"``.
+
+    Raises:
+        BudgetError: when the budget lies below the all-closed (every task borrows the shared
+            branch) or above the all-open cost; the message gives both limits in GFLOPs.
+    """
+    info = analyze(model, input_size)
+    if isinstance(budget, str):
+        text = budget.strip()
+        m = _ABSOLUTE.match(text)
+        if m:
+            flops = float(m.group(1)) * _SCALE[m.group(2).upper()]
+        else:
+            try:
+                flops = float(text) * info.full
+                fraction = float(text)
+            except ValueError:
+                raise ValueError(f"budget {budget!r} is neither a fraction like 0.5 nor an absolute count like '38.4GF'") from None
+            if not 0 < fraction <= 1:
+                raise ValueError(f"a budget fraction must be in (0, 1], got {fraction}")
+    elif isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        if not 0 < budget <= 1:
+            raise ValueError(f"a budget fraction must be in (0, 1] (of the full {model.num_slots}-branch model), "
+                             f"got {budget}; give absolute budgets as a string like '2.5GF'")
+        flops = float(budget) * info.full
+    else:
+        raise TypeError(f"budget must be a float fraction or a string like '38.4GF', got {type(budget).__name__}")
+    if flops <= 0:
+        raise ValueError(f"budget must be positive, got {budget!r}")
+    low, high = flop_bounds(model, input_size)
+    if not low <= flops <= high:
+        raise BudgetError(
+            f"budget {flops / 1e9:.4f} GFLOPs is infeasible for this model at input {tuple(info.input_size)}: "
+            f"it must lie between {low / 1e9:.4f} GFLOPs (every gate closed: tasks share one branch) and "
+            f"{high / 1e9:.4f} GFLOPs (every gate open); full model {info.full / 1e9:.4f} GFLOPs"
+        )
+    return flops
+
+
+def sparsity_loss(model: GatedModel, budget_flops: float, input_size: Sequence[int] | None = None) -> Tensor:
+    """Cost-aware hinge ``max(0, E[flops] / budget - 1)`` with straight-through gates."""
+    return torch.relu(expected_flops(model, input_size) / budget_flops - 1.0)
+
+
+def task_targets_loss(model: GatedModel, targets: Mapping[str, float], input_size: Sequence[int] | None = None) -> Tensor:
+    """GatedMTL's per-task hinge ``sum_t max(0, d_t - tau_t)``.
+
+    ``d_t`` is task ``t``'s cost-weighted share of open gates (1 = every filter its own).
+    """
+    unknown = set(targets) - set(model.tasks)
+    if unknown:
+        raise ValueError(f"task targets for unknown tasks {sorted(unknown)}; tasks are {list(model.tasks)}")
+    info = analyze(model, input_size)
+    total_cost = sum(float(c.sum()) for c in info.costs)
+    loss: Tensor | float = 0.0
+    for t, task in enumerate(model.tasks):
+        if task not in targets:
+            continue
+        tau = float(targets[task])
+        if not 0 <= tau <= 1:
+            raise ValueError(f"task target for {task!r} must be in [0, 1], got {tau}")
+        used = sum((gate.mask()[t] * cost.to(gate.alpha)).sum() for gate, cost in zip(model.gates(), info.costs))
+        loss = loss + torch.relu(used / total_cost - tau)
+    return loss if isinstance(loss, Tensor) else torch.zeros(())
+
+
+@torch.no_grad()
+def project_to_budget(model: GatedModel, budget_flops: float, input_size: Sequence[int] | None = None) -> int:
+    """Close the lowest-logit open gates (or open the highest-logit closed ones) until the predicted
+    lean FLOPs are at most ``budget_flops`` and as close to it as one filter allows.
+
+    Closing a gate whose channel every other task keeps open saves nothing (the shared filter
+    comes back), so the loop walks the logits in order and counts exact savings per channel.
+    Changes the ``alpha`` of the changed gates to ``-|alpha| - eps`` / ``+|alpha| + eps``; returns
+    the predicted per-sample FLOPs.
+    """
+    info = analyze(model, input_size)
+    size = info.input_size
+    low, high = flop_bounds(model, size)
+    if not low <= budget_flops <= high:
+        raise BudgetError(f"budget {budget_flops / 1e9:.4f} GFLOPs outside [{low / 1e9:.4f}, {high / 1e9:.4f}] GFLOPs")
+    gates = model.gates()
+    num_tasks = len(model.tasks)
+    current = float(predict_flops(model, (1, *size)))
+    # flat views: gate index, task, channel, logit
+    entries = []
+    for g, gate in enumerate(gates):
+        a = gate.alpha.detach().cpu()
+        for t in range(num_tasks):
+            for c, v in enumerate(a[t].tolist()):
+                entries.append((v, g, t, c))
+    open_count = [gate.open_mask().sum(0).cpu().tolist() for gate in gates]
+    costs = [c.tolist() for c in info.costs]
+
+    def live(k: int) -> int:
+        return k + 1 - (1 if k == num_tasks else 0)
+
+    changes: list[tuple[int, int, int, bool]] = []
+    if current > budget_flops:
+        for v, g, t, c in sorted(e for e in entries if e[0] > 0):
+            if current <= budget_flops:
+                break
+            k = open_count[g][c]
+            current += (live(k - 1) - live(k)) * costs[g][c]
+            open_count[g][c] = k - 1
+            changes.append((g, t, c, False))
+    else:
+        for v, g, t, c in sorted((e for e in entries if e[0] <= 0), reverse=True):
+            k = open_count[g][c]
+            delta = (live(k + 1) - live(k)) * costs[g][c]
+            if current + delta > budget_flops:
+                continue
+            current += delta
+            open_count[g][c] = k + 1
+            changes.append((g, t, c, True))
+    for g, t, c, opened in changes:
+        a = gates[g].alpha
+        mag = abs(float(a[t, c])) + 1e-3
+        a[t, c] = mag if opened else -mag
+    return predict_flops(model, (1, *size))

@@ -1,0 +1,119 @@
+"""A multi-task network: an encoder (plain, gated or lean) plus one head per task."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import load_weights
+from .prune import LeanModel, prune
+from .surgery import GatedModel, convert
+from .tasks import Task, create_task
+
+__all__ = ["MultiTaskNet", "build_backbone", "build_network", "ARCHS"]
+
+ARCHS = ("gated", "shared")
+
+
+class MultiTaskNet(nn.Module):
+    """``forward(x[B, C, H, W]) -> {task: prediction}``.
+
+    ``encoder`` is a :class:`GatedModel` / :class:`LeanModel` (returns ``{task: features}``) or a
+    plain backbone shared by every task (hard parameter sharing).
+    """
+
+    def __init__(self, encoder: nn.Module, heads: Mapping[str, nn.Module]) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.heads = nn.ModuleDict(dict(heads))
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(self.heads.keys())
+
+    @property
+    def gated(self) -> bool:
+        return isinstance(self.encoder, GatedModel)
+
+    def features(self, x: Tensor) -> dict[str, Any]:
+        if isinstance(self.encoder, (GatedModel, LeanModel)):
+            return self.encoder(x)
+        shared = self.encoder(x)
+        return {t: shared for t in self.heads}
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        feats = self.features(x)
+        return {t: head(feats[t]) for t, head in self.heads.items()}
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the encoder that feed several tasks (all of it, gates included)."""
+        return [p for p in self.encoder.parameters() if p.requires_grad]
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.heads.parameters() if p.requires_grad]
+
+    def pruned(self) -> MultiTaskNet:
+        """The same network with a lean encoder (``prune`` of the gated one)."""
+        if not isinstance(self.encoder, GatedModel):
+            raise TypeError("only a gated network can be pruned")
+        net = MultiTaskNet(prune(self.encoder), {t: h for t, h in self.heads.items()})
+        return net.train(self.training)
+
+
+def build_backbone(name: str, *, pretrained: bool = False, checkpoint: str | Path | None = None) -> nn.Module:
+    """A timm ``features_only`` backbone; weights from timm's hub (``pretrained``) or a local file."""
+    if name not in timm.list_models():
+        close = timm.list_models(f"*{name}*")[:8]
+        raise ValueError(f"unknown model {name!r}" + (f"; did you mean one of {close}?" if close else "; see timm.list_models()"))
+    try:
+        backbone = timm.create_model(name, pretrained=pretrained, features_only=True)
+    except RuntimeError as e:
+        if "features_only" in str(e) or "feature" in str(e):
+            raise ValueError(f"model {name!r} cannot return feature maps (features_only): {e}") from e
+        raise
+    if checkpoint is not None:
+        state = load_weights(checkpoint)
+        missing, unexpected = backbone.load_state_dict(state, strict=False)
+        if len(missing) == len(backbone.state_dict()):
+            raise ValueError(f"{checkpoint} holds no weights for {name} (first keys: {list(state)[:3]})")
+        if missing:
+            raise ValueError(f"{checkpoint} lacks {len(missing)} weights of {name}, e.g. {missing[:3]}")
+    return backbone
+
+
+def _feature_channels(encoder_out: Any) -> list[int]:
+    items = encoder_out if isinstance(encoder_out, (list, tuple)) else [encoder_out]
+    return [int(f.shape[1] if f.dim() == 4 else f.shape[-1]) for f in items]
+
+
+def build_network(backbone: nn.Module, tasks: Mapping[str, Task] | Sequence[Task], input_size: tuple[int, int, int],
+                  arch: str = "gated", *, init_logit: float = 1.0,
+                  task_weights: Mapping[str, Mapping[str, Tensor]] | None = None) -> MultiTaskNet:
+    """Encoder (``arch``: ``gated`` or ``shared``) + one head per task, sized by a probe pass."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
+    task_list = list(tasks.values()) if isinstance(tasks, Mapping) else list(tasks)
+    with torch.no_grad():
+        was = backbone.training
+        probe_out = backbone.eval()(torch.zeros(1, *input_size))
+        backbone.train(was)
+    channels = _feature_channels(probe_out)
+    heads = {t.name: t.make_head(channels, tuple(input_size[1:])) for t in task_list}
+    if arch == "gated":
+        encoder: nn.Module = convert(backbone, [t.name for t in task_list], input_size=input_size,
+                                     init_logit=init_logit, task_weights=task_weights)
+    else:
+        if task_weights:
+            raise ValueError("task_weights only apply to the gated arch")
+        encoder = backbone
+    return MultiTaskNet(encoder, heads)
+
+
+def tasks_from_spec(spec: Mapping[str, Mapping[str, Any]]) -> dict[str, Task]:
+    """``{"seg": {"num_classes": 7}, "depth": {}}`` -> task objects."""
+    return {name: create_task(name, **dict(kwargs)) for name, kwargs in spec.items()}

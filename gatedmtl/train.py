@@ -1,0 +1,532 @@
+"""Training at a FLOP budget: :class:`TrainConfig`, :class:`Trainer`, :func:`evaluate`.
+
+Plain PyTorch loop: AdamW/SGD with a per-step cosine/step/constant schedule, loss balancing
+through :mod:`gatedmtl.balancing`, the cost-aware sparsity hinge of :mod:`gatedmtl.budget`,
+AMP on GPU, gradient clipping, tqdm progress, a JSON-lines log of every step, atomic
+safetensors checkpoints and exact resume (data order, RNG, optimizer and strategy state).
+Data parallel under ``torchrun`` (gloo on CPU, nccl on GPU): every rank takes its share of
+each batch list and gradients are averaged after the (strategy's) backward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from . import balancing
+from .budget import project_to_budget, resolve_budget, sparsity_loss, task_targets_loss
+from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
+from .cost import count_flops, expected_flops, predict_flops
+from .data import create_dataset
+from .network import MultiTaskNet, build_backbone, build_network, tasks_from_spec
+from .surgery import GatedModel
+
+__all__ = ["TrainConfig", "Trainer", "evaluate", "NonFiniteLossError", "load_network", "prune_checkpoint",
+           "init_distributed", "finalize"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A task loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; saved in every checkpoint so that it can be rebuilt and resumed."""
+
+    model: str = "resnet18"
+    tasks: tuple[str, ...] = ("seg", "depth", "normals")
+    data: str = "scenes"
+    data_root: str | None = None
+    image_size: tuple[int, int] = (96, 128)  # embedded scenes only; real data sets have their own
+    train_length: int = 512  # embedded scenes only
+    val_length: int = 128
+    arch: str = "gated"
+    budget: str | None = "0.5"  # fraction of the full (T+1)-branch encoder, or "2.5GF"; None: no sparsity
+    epochs: int = 20
+    steps_per_epoch: int | None = None  # cap, for quick runs
+    batch_size: int = 8
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    gate_lr: float = 0.05
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    grad_clip: float | None = 5.0
+    lambda_s: float = 1.0
+    sparsity_warmup: int = 0  # epochs without the sparsity term
+    init_logit: float = 1.0
+    tau: dict[str, float] = field(default_factory=dict)
+    lambda_tau: float = 1.0
+    balance: str = "ew"
+    balance_options: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    out: str = "runs/exp"
+    checkpoint: str | None = None
+    pretrained: bool = False
+    init_task_weights: dict[str, str] = field(default_factory=dict)
+    save_every: int = 0  # steps; 0: at the end of every epoch
+    device: str = "auto"
+    amp: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.arch not in ("gated", "shared"):
+            raise ValueError(f"arch must be 'gated' or 'shared', got {self.arch!r}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.schedule not in ("cosine", "step", "constant"):
+            raise ValueError(f"schedule must be 'cosine', 'step' or 'constant', got {self.schedule!r}")
+        for name in ("epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.gate_lr <= 0:
+            raise ValueError("learning rates must be positive")
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks must be non-empty and unique, got {list(self.tasks)}")
+        if self.arch == "shared" and (self.tau or self.init_task_weights):
+            raise ValueError("--tau and --init-task-weights need the gated arch")
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        for key in ("tasks", "image_size"):
+            if key in kwargs and kwargs[key] is not None:
+                kwargs[key] = tuple(kwargs[key])
+        return cls(**kwargs)
+
+
+def _device(spec: str) -> torch.device:
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    return torch.device(spec)
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group that ``torchrun`` describes (gloo on CPU, nccl on GPU); ``(rank, world)``."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return _dist_info()
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def make_datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
+    """Train and validation sets of ``config.data`` (the embedded scenes need no files)."""
+    if config.data == "scenes":
+        kw = dict(size=tuple(config.image_size), tasks=tuple(config.tasks))
+        return (create_dataset("scenes", split="train", length=config.train_length, seed=config.seed, **kw),
+                create_dataset("scenes", split="val", length=config.val_length, seed=config.seed, **kw))
+    if config.data_root is None:
+        raise ValueError(f"data set {config.data!r} needs --data-root PATH")
+    kw = dict(root=config.data_root)
+    if config.data in ("nyuv2", "cityscapes"):
+        kw["tasks"] = tuple(config.tasks)
+    return create_dataset(config.data, split="train", **kw), create_dataset(config.data, split="val", **kw)
+
+
+def _task_spec(dataset: Dataset, tasks: Sequence[str]) -> dict[str, dict[str, Any]]:
+    spec = getattr(dataset, "tasks", None)
+    if not isinstance(spec, Mapping):
+        raise TypeError("the data set must expose a .tasks mapping of task name -> create_task kwargs")
+    missing = [t for t in tasks if t not in spec]
+    if missing:
+        raise ValueError(f"the data set provides tasks {sorted(spec)}, not {missing}")
+    return {t: dict(spec[t]) for t in tasks}
+
+
+def _image_size(dataset: Dataset) -> tuple[int, int, int]:
+    sample = dataset[0]
+    return tuple(int(v) for v in sample["image"].shape)
+
+
+def build_from_config(config: TrainConfig, task_spec: Mapping[str, Mapping[str, Any]],
+                      input_size: tuple[int, int, int], *, load_pretrained: bool = True) -> MultiTaskNet:
+    """The network a run trains: backbone (+ local checkpoint), encoder arch, heads."""
+    backbone = build_backbone(config.model, pretrained=config.pretrained and load_pretrained,
+                              checkpoint=config.checkpoint if load_pretrained else None)
+    task_weights = None
+    if config.init_task_weights and load_pretrained:
+        task_weights = {t: load_weights(p) for t, p in config.init_task_weights.items()}
+    return build_network(backbone, tasks_from_spec(task_spec), input_size, config.arch,
+                         init_logit=config.init_logit, task_weights=task_weights)
+
+
+class _Schedule:
+    """Learning-rate factor per step: cosine to 0, step (x0.1 at 1/2 and 3/4), or constant."""
+
+    def __init__(self, kind: str, total_steps: int) -> None:
+        self.kind = kind
+        self.total = max(1, total_steps)
+
+    def __call__(self, step: int) -> float:
+        p = min(step / self.total, 1.0)
+        if self.kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * p))
+        if self.kind == "step":
+            return 0.1 ** ((p >= 0.5) + (p >= 0.75))
+        return 1.0
+
+
+class Trainer:
+    """Trains a :class:`MultiTaskNet` from a :class:`TrainConfig`.
+
+    ``Trainer(config).fit()`` runs (or resumes, with ``resume=True``) the whole schedule and
+    returns a summary dict; ``out/last.safetensors`` is the checkpoint, ``out/log.jsonl`` the log.
+    """
+
+    def __init__(self, config: TrainConfig, *, resume: bool = False,
+                 datasets: tuple[Dataset, Dataset] | None = None) -> None:
+        config.validate()
+        self.config = config
+        self.rank, self.world = _dist_info()
+        self.device = _device(config.device)
+        self.out = Path(config.out)
+        self.ckpt_path = self.out / "last.safetensors"
+        torch.manual_seed(config.seed)
+        self.train_set, self.val_set = datasets or make_datasets(config)
+        self.task_spec = _task_spec(self.train_set, config.tasks)
+        self.input_size = _image_size(self.train_set)
+        self.tasks = tasks_from_spec(self.task_spec)
+        self.net = build_from_config(config, self.task_spec, self.input_size).to(self.device)
+        self.strategy = balancing.create(config.balance, list(config.tasks), **config.balance_options)
+        self.budget_flops: float | None = None
+        if self.gated and config.budget is not None:
+            self.budget_flops = resolve_budget(self.net.encoder, config.budget, self.input_size)
+        self.optimizer = self._make_optimizer()
+        self.steps_per_epoch = self._steps_per_epoch()
+        self.schedule = _Schedule(config.schedule, config.epochs * self.steps_per_epoch)
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.on_step: Callable[[dict[str, Any]], None] | None = None  # called after every step
+        if self.world > 1:
+            for p in self.net.state_dict().values():
+                dist.broadcast(p, 0)
+        if resume:
+            self.load(self.ckpt_path)
+        elif self.ckpt_path.exists() and self.rank == 0:
+            raise FileExistsError(f"{self.ckpt_path} exists: pass resume=True (--resume) or choose another --out")
+
+    @property
+    def gated(self) -> bool:
+        return isinstance(self.net.encoder, GatedModel)
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        gate_params = [p for n, p in self.net.named_parameters() if n.endswith(".alpha") or n.endswith(".beta")]
+        gate_ids = {id(p) for p in gate_params}
+        others = [p for p in self.net.parameters() if id(p) not in gate_ids]
+        groups = [{"params": others, "lr": c.lr, "weight_decay": c.weight_decay, "base_lr": c.lr}]
+        extra = list(self.strategy.extra_parameters())
+        if extra:
+            groups.append({"params": extra, "lr": c.lr, "weight_decay": 0.0, "base_lr": c.lr})
+        if gate_params:
+            groups.append({"params": gate_params, "lr": c.gate_lr, "weight_decay": 0.0, "base_lr": c.gate_lr})
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=c.lr, momentum=0.9)
+        return torch.optim.AdamW(groups, lr=c.lr)
+
+    def _steps_per_epoch(self) -> int:
+        n = len(self.train_set) // (self.config.batch_size * self.world)
+        if n < 1:
+            raise ValueError(f"the training set has {len(self.train_set)} samples, fewer than one batch of "
+                             f"{self.config.batch_size} x {self.world} ranks")
+        return min(n, self.config.steps_per_epoch) if self.config.steps_per_epoch else n
+
+    def _epoch_indices(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+        perm = torch.randperm(len(self.train_set), generator=g).tolist()
+        per_step = self.config.batch_size * self.world
+        perm = perm[: self.steps_per_epoch * per_step]
+        return [i for s in range(self.steps_per_epoch)
+                for i in perm[s * per_step + self.rank * self.config.batch_size:
+                              s * per_step + (self.rank + 1) * self.config.batch_size]]
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_tensors(self) -> dict[str, Tensor]:
+        tensors = {f"model.{k}": v for k, v in self.net.state_dict().items()}
+        for i, state in self.optimizer.state_dict()["state"].items():
+            for k, v in state.items():
+                tensors[f"optim.{i}.{k}"] = v if isinstance(v, Tensor) else torch.tensor(v)
+        tensors |= {f"strategy.{k}": v for k, v in self.strategy.state_dict().items()}
+        tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        return tensors
+
+    def meta(self) -> dict[str, Any]:
+        return {"kind": "train", "config": self.config.to_json(), "task_spec": self.task_spec,
+                "input_size": list(self.input_size), "step": self.step, "world": self.world,
+                "history": self.history}
+
+    def save(self, path: Path | None = None) -> Path | None:
+        if self.rank != 0:
+            return None
+        path = save_checkpoint(path or self.ckpt_path, self.state_tensors(), self.meta())
+        (path.with_suffix(".json")).write_text(json.dumps(self.meta(), indent=2))
+        return path
+
+    def load(self, path: Path) -> None:
+        tensors, meta = load_checkpoint(path)
+        saved = meta.get("config", {})
+        for key in ("model", "tasks", "arch", "data"):
+            mine = getattr(self.config, key)
+            theirs = tuple(saved.get(key, ())) if key == "tasks" else saved.get(key)
+            if (tuple(mine) if key == "tasks" else mine) != theirs:
+                raise CheckpointError(f"{path} is a checkpoint of {key}={theirs!r}, this run has {key}={mine!r}; "
+                                      "resume with the same settings or choose another --out")
+        model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        try:
+            self.net.load_state_dict(model_state, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{path} does not match this network: {e}") from e
+        opt = self.optimizer.state_dict()
+        state: dict[int, dict[str, Tensor]] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, i, name = k.split(".", 2)
+                state.setdefault(int(i), {})[name] = v
+        opt["state"] = state
+        self.optimizer.load_state_dict(opt)
+        self.strategy.load_state_dict({k[len("strategy."):]: v for k, v in tensors.items() if k.startswith("strategy.")})
+        torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        self.step = int(meta["step"])
+        self.history = list(meta.get("history", []))
+
+    # ---------------------------------------------------------------- training
+    def _losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        x = batch["image"].to(self.device, non_blocking=True)
+        amp = self.config.amp and self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+            out = self.net(x)
+        return {t: self.tasks[t].loss(out[t].float(), batch[t].to(self.device)) for t in self.config.tasks}
+
+    def _sparsity(self, epoch: int) -> tuple[Tensor | None, float | None]:
+        if not self.gated:
+            return None, None
+        enc = self.net.encoder
+        reg: Tensor | None = None
+        if self.budget_flops is not None and epoch >= self.config.sparsity_warmup:
+            reg = self.config.lambda_s * sparsity_loss(enc, self.budget_flops, self.input_size)
+        if self.config.tau and epoch >= self.config.sparsity_warmup:
+            t = self.config.lambda_tau * task_targets_loss(enc, self.config.tau, self.input_size)
+            reg = t if reg is None else reg + t
+        gflops = float(expected_flops(enc, self.input_size).detach()) / 1e9
+        return reg, gflops
+
+    def _all_reduce_grads(self) -> None:
+        for p in self.net.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= self.world
+
+    def train_step(self, batch: Mapping[str, Tensor], epoch: int) -> dict[str, Any]:
+        self.net.train()
+        factor = self.schedule(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        losses = self._losses(batch)
+        for t, value in losses.items():
+            if not torch.isfinite(value):
+                raise NonFiniteLossError(
+                    f"the loss of task '{t}' is {float(value)} at step {self.step} (epoch {epoch}); training stopped. "
+                    f"The last good checkpoint is kept at {self.ckpt_path}. Lower --lr, check the labels of '{t}', "
+                    "or try --balance with a log-loss strategy.")
+        self.optimizer.zero_grad(set_to_none=True)
+        weights = self.strategy.backward(losses, self.net.encoder_parameters(), self.net.head_parameters(),
+                                         step=self.step, epoch=epoch)
+        reg, gflops = self._sparsity(epoch)
+        if reg is not None and reg.requires_grad:
+            reg.backward()
+        if self.world > 1:
+            self._all_reduce_grads()
+        if self.config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+
+        def recompute() -> dict[str, Tensor]:
+            with torch.no_grad():
+                return self._losses(batch)
+
+        self.strategy.after_optimizer_step(recompute)
+        self.step += 1
+        record = {"step": self.step, "epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
+                  "loss": {t: v.item() for t, v in losses.items()}, "weights": weights}
+        if self.gated:
+            gates = self.net.encoder.gates()
+            record["density"] = float(sum(g.open_mask().sum() for g in gates) / sum(g.alpha.numel() for g in gates))
+            record["gflops"] = gflops
+            record["sparsity"] = reg.item() if reg is not None else 0.0
+        if self.on_step is not None:
+            self.on_step(record)
+        return record
+
+    def replica_difference(self) -> float:
+        """Largest difference between this rank's parameters and rank 0's (0.0 when not distributed)."""
+        if self.world == 1:
+            return 0.0
+        worst = torch.zeros(())
+        for p in self.net.state_dict().values():
+            ref = p.detach().clone()
+            dist.broadcast(ref, 0)
+            if p.is_floating_point():
+                worst = torch.maximum(worst, (p.detach() - ref).abs().max().cpu())
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        return float(worst)
+
+    def fit(self) -> dict[str, Any]:
+        """Run the remaining epochs; returns ``{"steps", "val": metrics, "seconds"}``."""
+        c = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        log = open(self.out / "log.jsonl", "a") if self.rank == 0 else None
+        start = time.perf_counter()
+        total = c.epochs * self.steps_per_epoch
+        bar = tqdm(total=total, initial=self.step, disable=not c.progress or self.rank != 0, desc="train",
+                   dynamic_ncols=True)
+        try:
+            while self.step < total:
+                epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+                indices = self._epoch_indices(epoch)[in_epoch * c.batch_size:]
+                loader = DataLoader(self.train_set, batch_size=c.batch_size, sampler=indices, drop_last=True)
+                sums = {t: 0.0 for t in c.tasks}
+                count = 0
+                for batch in loader:
+                    record = self.train_step(batch, epoch)
+                    count += 1
+                    for t in c.tasks:
+                        sums[t] += record["loss"][t]
+                    if log:
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
+                    post = {t: f"{v:.3f}" for t, v in record["loss"].items()}
+                    if "gflops" in record:
+                        post["GF"] = f"{record['gflops']:.3f}"
+                    bar.set_postfix(post)
+                    bar.update(1)
+                    if c.save_every and self.step % c.save_every == 0 and self.step % self.steps_per_epoch:
+                        self.save()
+                means = {t: v / max(count, 1) for t, v in sums.items()}
+                self.strategy.end_epoch(epoch, means)
+                self.history.append({"epoch": epoch, "train_loss": means})
+                self.save()
+        finally:
+            bar.close()
+            if log:
+                log.close()
+        return {"steps": self.step, "seconds": time.perf_counter() - start}
+
+    def evaluate(self, net: nn.Module | None = None, dataset: Dataset | None = None) -> dict[str, dict[str, float]]:
+        return evaluate(net or self.net, dataset or self.val_set, self.tasks, self.config.batch_size, self.device)
+
+    def finalize(self) -> tuple[MultiTaskNet, dict[str, Any]]:
+        """Project the gates onto the budget, prune, and measure the lean encoder with fvcore."""
+        return finalize(self.net, self.budget_flops, self.input_size)
+
+
+@torch.no_grad()
+def evaluate(net: nn.Module, dataset: Dataset, tasks: Mapping[str, Any], batch_size: int = 8,
+             device: torch.device | str = "cpu", progress: bool = False) -> dict[str, dict[str, float]]:
+    """Per-task metrics of ``net`` on ``dataset`` (eval mode)."""
+    was = net.training
+    net.eval()
+    metrics = {t: task.metrics() for t, task in tasks.items()}
+    for batch in tqdm(DataLoader(dataset, batch_size=batch_size), desc="eval", disable=not progress, leave=False):
+        out = net(batch["image"].to(device))
+        for t, m in metrics.items():
+            m.update(out[t].float().cpu(), batch[t])
+    net.train(was)
+    return {t: m.compute() for t, m in metrics.items()}
+
+
+def finalize(net: MultiTaskNet, budget_flops: float | None, input_size: Sequence[int]) -> tuple[MultiTaskNet, dict[str, Any]]:
+    """Project ``net``'s gates onto ``budget_flops`` (if given), prune, and report FLOPs."""
+    if not isinstance(net.encoder, GatedModel):
+        raise TypeError("only a gated network can be finalised")
+    enc = net.encoder
+    report: dict[str, Any] = {"before_projection": predict_flops(enc, (1, *input_size))}
+    if budget_flops is not None:
+        report["requested"] = budget_flops
+        report["predicted"] = project_to_budget(enc, budget_flops, input_size)
+    lean = net.pruned().eval()
+    report["landed"] = count_flops(lean.encoder, (1, *input_size))
+    if budget_flops is not None:
+        report["error"] = report["landed"] / budget_flops - 1
+    return lean, report
+
+
+# -------------------------------------------------------------------- saved networks
+def _net_from_meta(meta: Mapping[str, Any]) -> tuple[MultiTaskNet, TrainConfig, tuple[int, int, int]]:
+    config = TrainConfig.from_json(meta["config"])
+    size = tuple(meta["input_size"])
+    net = build_from_config(config, meta["task_spec"], size, load_pretrained=False)
+    return net, config, size
+
+
+def load_network(path: str | Path) -> tuple[MultiTaskNet, dict[str, Any]]:
+    """Rebuild a network from a training checkpoint (gated/shared) or a lean one (from :func:`prune_checkpoint`)."""
+    tensors, meta = load_checkpoint(path)
+    if "config" not in meta or "task_spec" not in meta:
+        raise CheckpointError(f"{path} is not a gatedmtl training or lean checkpoint")
+    net, _, _ = _net_from_meta(meta)
+    if meta.get("kind") == "lean":
+        enc = net.encoder
+        with torch.no_grad():
+            for gate in enc.gates():
+                mask = tensors.get(f"mask.{gate.name}")
+                if mask is None:
+                    raise CheckpointError(f"{path} lacks the gate mask of {gate.name}")
+                gate.alpha.copy_(torch.where(mask.bool(), 1.0, -1.0))
+        net = net.pruned()
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not match the network it describes: {e}") from e
+    return net.eval(), meta
+
+
+def prune_checkpoint(path: str | Path, out: str | Path, budget: str | None = None) -> dict[str, Any]:
+    """Load a gated training checkpoint, project onto its budget (or ``budget``), prune, save lean."""
+    net, meta = load_network(path)
+    if meta.get("kind") == "lean":
+        raise ValueError(f"{path} is already a lean checkpoint")
+    if not isinstance(net.encoder, GatedModel):
+        raise ValueError(f"{path} is a '{meta['config']['arch']}' network; only gated networks can be pruned")
+    size = tuple(meta["input_size"])
+    spec = budget if budget is not None else meta["config"].get("budget")
+    budget_flops = resolve_budget(net.encoder, spec, size) if spec is not None else None
+    lean, report = finalize(net, budget_flops, size)
+    tensors = {f"model.{k}": v for k, v in lean.state_dict().items()}
+    for gate in net.encoder.gates():
+        tensors[f"mask.{gate.name}"] = gate.open_mask().to(torch.uint8)
+    lean_meta = dict(meta) | {"kind": "lean", "flops": report}
+    lean_meta.pop("history", None)
+    save_checkpoint(out, tensors, lean_meta)
+    return report
