@@ -160,14 +160,21 @@ def predict_flops(model: GatedModel, input_shape: Sequence[int]) -> int:
 def expected_flops(model: GatedModel, input_size: Sequence[int] | None = None, *, soft: bool = False) -> Tensor:
     """Differentiable per-sample FLOPs of the lean model (scalar tensor).
 
-    With ``soft=False`` the gates are the straight-through hard gates (value equals
-    :func:`predict_flops` for batch 1); with ``soft=True`` they are ``sigmoid(alpha)``.
+    The gradient is that of the expected cost when each gate is an independent Bernoulli
+    variable with probability ``sigmoid(alpha)`` (``E[live_c] = sum_t p_tc + 1 - prod_t p_tc``).
+    With ``soft=False`` the value is the exact cost of the hard gates (equal to
+    :func:`predict_flops` at batch 1); with ``soft=True`` it is the expectation itself. Using
+    the hard gates in the gradient too would stall at "all open": closing one task's channel
+    alone saves nothing there (the shared filter comes back), so its hard gradient is zero.
     """
     info = analyze(model, input_size)
     total: Tensor | float = 0.0
     for gate, cost in zip(model.gates(), info.costs):
-        m = torch.sigmoid(gate.alpha) if soft else gate.mask()
-        total = total + (cost.to(m) * (model.num_slots - _live(m))).sum()
+        p = torch.sigmoid(gate.alpha)
+        live = _live(p)
+        if not soft:
+            live = _live((gate.alpha > 0).to(p.dtype)) + (live - live.detach())
+        total = total + (cost.to(p) * (model.num_slots - live)).sum()
     return info.full - total
 
 

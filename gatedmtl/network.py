@@ -78,9 +78,9 @@ def build_backbone(name: str, *, pretrained: bool = False, checkpoint: str | Pat
         raise
     if checkpoint is not None:
         state = load_weights(checkpoint)
-        missing, unexpected = backbone.load_state_dict(state, strict=False)
-        if len(missing) == len(backbone.state_dict()):
+        if not set(state) & set(backbone.state_dict()):
             raise ValueError(f"{checkpoint} holds no weights for {name} (first keys: {list(state)[:3]})")
+        missing, _ = backbone.load_state_dict(state, strict=False)
         if missing:
             raise ValueError(f"{checkpoint} lacks {len(missing)} weights of {name}, e.g. {missing[:3]}")
     return backbone

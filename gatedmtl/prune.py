@@ -10,6 +10,7 @@ the same convex mix of task features as in the gated model.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from .surgery import GatedModel, _parents, run_folded
+from .surgery import GatedModel, _parents
 
 __all__ = ["prune", "LeanModel", "LeanGatedLayer", "prune_out_channels"]
 
@@ -56,27 +57,66 @@ def prune_out_channels(module: nn.Module, keep: Tensor) -> nn.Module:
     return module
 
 
+def _slot_view(x: Tensor, num_slots: int) -> Tensor:
+    """``[S*b, ...] -> [S, b, ...]``; the per-sample dims become constants (one ONNX Reshape)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        dims = tuple(int(d) for d in x.shape[1:])
+    return x.reshape((num_slots, -1) + dims)
+
+
 class LeanGatedLayer(nn.Module):
     """One gated layer after pruning: ``forward(x[S*b, ...]) -> y[S*b, ...]``.
 
-    Slot ``s`` runs ``branches[s]`` (its kept filters, plus the fused norm when the layer
-    was gated after conv+norm) on its input chunk; depthwise branches first gather their
-    input channels. Task ``t``'s full width is ``cat([own_t, shared]).index_select(restore_t)``,
-    the shared slot's output is ``sum_t weights[t] * full_t``.
+    Slot ``s`` runs ``branches[s]`` (its kept filters, plus the fused norm when the layer was
+    gated after conv+norm) on its input chunk; depthwise branches first gather their input
+    channels. Each task's full width comes from one of three sources fixed at prune time:
+
+    * ``"own"``: every channel open, the task branch's output as it is;
+    * ``"shared"``: every channel closed, the shared branch's output as it is;
+    * ``"pool"``: one gather from ``pool = cat([shared, own_t, ...])`` (one concat per layer).
+
+    The shared slot's output is ``sum_t weights[t] * full_t`` (``mix="mix"``), the shared
+    branch's output when every task is closed everywhere (``mix="shared"``: the weights sum to
+    one), or, when no later layer reads the shared slot (``mix="dead"``, set by :func:`prune`),
+    a copy of the first task's output that nothing uses.
     """
 
     def __init__(self, branches: Sequence[nn.Module | None], in_index: Sequence[Tensor | None],
-                 restore: Sequence[Tensor | None], weights: Tensor, channel_dim: int) -> None:
+                 keep: Sequence[Tensor], open_: Tensor, weights: Tensor, channel_dim: int) -> None:
         super().__init__()
+        num_tasks, width = open_.shape
         self.branches = nn.ModuleList(b if b is not None else nn.Identity() for b in branches)
         self.present = [b is not None for b in branches]
         self.num_slots = len(branches)
         self.channel_dim = channel_dim
+        self.channels = width
         for s, idx in enumerate(in_index):
             self.register_buffer(f"in_index_{s}", idx)
-        for t, idx in enumerate(restore):
-            self.register_buffer(f"restore_{t}", idx)
         self.register_buffer("weights", weights)
+        self.kept = [int(k.numel()) for k in keep]
+
+        self.sources: list[str] = []
+        for t in range(num_tasks):
+            n = self.kept[t + 1]
+            self.sources.append("own" if n == width else "shared" if n == 0 else "pool")
+        pool_tasks = [t for t, src in enumerate(self.sources) if src == "pool"]
+        self.pool_slots = [0] + [t + 1 for t in pool_tasks] if pool_tasks else []
+        offsets, offset = {}, 0
+        for s in self.pool_slots:
+            offsets[s] = offset
+            offset += self.kept[s]
+        shared_pos = _positions(keep[0], width) + offsets.get(0, 0)
+        for t in range(num_tasks):
+            idx = None
+            if self.sources[t] == "pool":
+                own_pos = _positions(keep[t + 1], width) + offsets[t + 1]
+                idx = torch.where(open_[t], own_pos, shared_pos)
+            self.register_buffer(f"restore_{t}", idx)
+
+        self.mix = "shared" if all(src == "shared" for src in self.sources) else "mix"
+        closed_tasks = [t for t, src in enumerate(self.sources) if src == "shared"]
+        self.register_buffer("mix_shared", weights[closed_tasks].sum(0) if closed_tasks else None)
 
     def __getattr__(self, name: str) -> Any:
         # Backbone code may read attributes of the layer it called (``.weight.dtype``,
@@ -93,33 +133,53 @@ class LeanGatedLayer(nn.Module):
                     return getattr(layer, name)
             raise
 
-    def _branch(self, s: int, x: Tensor) -> Tensor | None:
-        if not self.present[s]:
-            return None
-        idx = getattr(self, f"in_index_{s}")
-        if idx is not None:
-            x = x.index_select(1, idx)
-        return self.branches[s](x)
+    def _weight(self, w: Tensor, like: Tensor) -> Tensor:
+        if self.channel_dim == 1 and like.dim() > 2:
+            w = w.reshape((-1,) + (1,) * (like.dim() - 2))
+        return w.to(like.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        chunks = x.chunk(self.num_slots, dim=0)
-        shared = self._branch(0, chunks[0])
-        full = []
-        for t in range(self.num_slots - 1):
-            own = self._branch(t + 1, chunks[t + 1])
-            restore = getattr(self, f"restore_{t}")
-            if restore is None:  # every channel from one side: all open (own) or all closed (shared)
-                full.append(own if own is not None else shared)
+        num_slots = self.num_slots
+        slots = _slot_view(x, num_slots)
+        outs: list[Tensor | None] = []
+        for s in range(num_slots):
+            if not self.present[s]:
+                outs.append(None)
                 continue
-            parts = [p for p in (own, shared) if p is not None]
-            y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.channel_dim)
-            full.append(y.index_select(self.channel_dim, restore))
-        phi = torch.stack(full, 0)
-        c = self.weights.shape[1]
-        shape = [self.num_slots - 1, 1] + [1] * (phi.dim() - 2)
-        shape[2 if self.channel_dim == 1 else -1] = c
-        mixed = (self.weights.reshape(shape).to(phi.dtype) * phi).sum(0, keepdim=True)
-        return torch.cat([mixed, phi], 0).reshape(-1, *phi.shape[2:])
+            xs = slots[s]
+            idx = getattr(self, f"in_index_{s}")
+            if idx is not None:
+                xs = xs.index_select(1, idx)
+            outs.append(self.branches[s](xs))
+        shared = outs[0]
+        dim = self.channel_dim
+        pool = None
+        if self.pool_slots:
+            pool = torch.cat([outs[s] for s in self.pool_slots], dim=dim)
+        full: list[Tensor] = []
+        for t, src in enumerate(self.sources):
+            if src == "own":
+                full.append(outs[t + 1])
+            elif src == "shared":
+                full.append(shared)
+            else:
+                full.append(pool.index_select(dim, getattr(self, f"restore_{t}")))
+        if self.mix == "shared":
+            mixed = shared
+        elif self.mix == "dead":
+            mixed = full[0]
+        else:
+            mixed = None
+            if self.mix_shared is not None:
+                mixed = shared * self._weight(self.mix_shared, shared)
+            for t, src in enumerate(self.sources):
+                if src != "shared":
+                    term = full[t] * self._weight(self.weights[t], full[t])
+                    mixed = term if mixed is None else mixed + term
+        return torch.cat([mixed, *full], 0)
+
+    def extra_repr(self) -> str:
+        return f"kept={self.kept}/{self.channels}, sources={self.sources}, mix={self.mix!r}"
 
 
 class LeanModel(nn.Module):
@@ -135,18 +195,87 @@ class LeanModel(nn.Module):
     def num_slots(self) -> int:
         return len(self.tasks) + 1
 
+    def lean_layers(self) -> list[tuple[str, LeanGatedLayer]]:
+        """``(name, layer)`` of every pruned gated layer, in module order."""
+        return [(n, m) for n, m in self.backbone.named_modules() if isinstance(m, LeanGatedLayer)]
+
     def forward(self, x: Tensor) -> dict[str, Any]:
         if not isinstance(x, Tensor) or x.dim() != len(self.input_size) + 1 or x.shape[1] != self.input_size[0]:
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"input {got} does not fit: expected [B, {self.input_size[0]}, ...] "
                              f"with {len(self.input_size) + 1} dims")
-        return run_folded(self.backbone, x, self.tasks, self.input_size)
+        num_slots = self.num_slots
+        try:
+            out = self.backbone(torch.cat([x] * num_slots, 0))
+        except (RuntimeError, AssertionError) as e:
+            if tuple(x.shape[1:]) == tuple(self.input_size):
+                raise
+            raise ValueError(
+                f"the backbone rejected an input of shape {tuple(x.shape)} (it was built for {self.input_size}): {e}"
+            ) from e
+        return {t: _unfold(out, i + 1, num_slots) for i, t in enumerate(self.tasks)}
+
+
+def _unfold(output: Any, slot: int, num_slots: int) -> Any:
+    """Slot ``slot`` of every tensor in a (nested) output of the folded backbone."""
+    if isinstance(output, Tensor):
+        if not torch.jit.is_tracing() and output.shape[0] % num_slots:
+            raise ValueError(
+                f"Output of shape {tuple(output.shape)} has a first dimension that is not a multiple of "
+                f"the {num_slots} slots: the backbone moved the batch axis away from dim 0."
+            )
+        return _slot_view(output, num_slots)[slot]
+    if isinstance(output, (list, tuple)):
+        items = [_unfold(o, slot, num_slots) for o in output]
+        return type(output)(items) if isinstance(output, list) else tuple(items)
+    if isinstance(output, dict):
+        return {k: _unfold(v, slot, num_slots) for k, v in output.items()}
+    return output
 
 
 def _positions(keep: Tensor, width: int) -> Tensor:
     pos = torch.full((width,), -1, dtype=torch.long)
     pos[keep] = torch.arange(keep.numel())
     return pos
+
+
+def _call_order(lean: LeanModel) -> list[LeanGatedLayer]:
+    """Every call of a :class:`LeanGatedLayer` during one eval forward pass, in order."""
+    calls: list[LeanGatedLayer] = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: calls.append(m))
+             for m in lean.modules() if isinstance(m, LeanGatedLayer)]
+    was_training = lean.training
+    lean.eval()
+    try:
+        x = torch.randn((1, *lean.input_size), generator=torch.Generator().manual_seed(0))
+        device = next(iter(lean.parameters()), torch.empty(0)).device
+        lean(x.to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+        lean.train(was_training)
+    return calls
+
+
+def _mark_dead_shared(lean: LeanModel, layers: Sequence[LeanGatedLayer]) -> None:
+    """``mix="dead"`` on layers whose shared-slot output no later layer reads.
+
+    Only a gated layer's shared branch reads the shared slot (slot 0 never reaches a task
+    output otherwise: the ops between layers work per sample), so the shared output of a
+    layer is dead when every call of it comes after the last call of any layer that has a
+    shared branch. ``layers`` are in first-call order: when the last one has a shared branch,
+    nothing is dead and no forward pass is needed to find out.
+    """
+    if not layers or layers[-1].present[0] or all(m.mix != "mix" for m in layers):
+        return
+    calls = _call_order(lean)
+    last_reader = max((i for i, m in enumerate(calls) if m.present[0]), default=-1)
+    first_call: dict[int, int] = {}
+    for i, m in enumerate(calls):
+        first_call.setdefault(id(m), i)
+    for m in layers:
+        if m.mix == "mix" and first_call.get(id(m), -1) > last_reader:
+            m.mix = "dead"
 
 
 @torch.no_grad()
@@ -160,6 +289,7 @@ def prune(model: GatedModel) -> LeanModel:
     backbone = copy.deepcopy(model.backbone)
     where = _parents(backbone)
     num_tasks = len(model.tasks)
+    layers: list[LeanGatedLayer] = []
     for name in model.gate_names:
         unit = backbone.get_submodule(name)
         gate = unit.gate
@@ -182,17 +312,10 @@ def prune(model: GatedModel) -> LeanModel:
                 layer = nn.Sequential(layer, prune_out_channels(copy.deepcopy(unit.slots[s]), keep[s]))
             branches.append(layer)
             in_index.append(keep[s].clone() if depthwise and keep[s].numel() < width else None)
-        shared_pos = _positions(keep[0], width)
-        restore: list[Tensor | None] = []
-        for t in range(num_tasks):
-            own = keep[t + 1]
-            own_pos = _positions(own, width)
-            idx = torch.where(open_[t], own_pos, own.numel() + shared_pos)
-            one_side = own.numel() == width or (own.numel() == 0 and keep[0].numel() == width)
-            restore.append(None if one_side else idx)
         weights = gate.mixing_weights().detach().cpu().to(template.weight.dtype)
-        lean = LeanGatedLayer(branches, in_index, restore, weights, gate.channel_dim).to(template.weight.device)
+        lean = LeanGatedLayer(branches, in_index, keep, open_, weights, gate.channel_dim).to(template.weight.device)
         lean.train(model.training)
+        layers.append(lean)
         for parent, attr in where[id(producer)]:
             parent._modules[attr] = lean
         if paired:
@@ -200,4 +323,5 @@ def prune(model: GatedModel) -> LeanModel:
                 parent._modules[attr] = nn.Identity()
     lean_model = LeanModel(backbone, model.tasks, model.input_size)
     lean_model.train(model.training)
+    _mark_dead_shared(lean_model, layers)
     return lean_model

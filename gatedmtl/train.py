@@ -356,7 +356,7 @@ class Trainer:
         for t, value in losses.items():
             if not torch.isfinite(value):
                 raise NonFiniteLossError(
-                    f"the loss of task '{t}' is {float(value)} at step {self.step} (epoch {epoch}); training stopped. "
+                    f"the loss of task '{t}' is {value.item()} at step {self.step} (epoch {epoch}); training stopped. "
                     f"The last good checkpoint is kept at {self.ckpt_path}. Lower --lr, check the labels of '{t}', "
                     "or try --balance with a log-loss strategy.")
         self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,273 @@
+"""Budgets, projection, trainer, checkpoints, exact resume, data parallel and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import Dataset
+
+import gatedmtl
+from gatedmtl.verify import relative_error
+from gatedmtl.budget import BudgetError, project_to_budget, resolve_budget
+from gatedmtl.checkpoint import CheckpointError, load_checkpoint, load_weights
+from gatedmtl.train import NonFiniteLossError, TrainConfig, Trainer, load_network, prune_checkpoint
+
+T = ("seg", "depth", "normals")
+TINY = dict(model="resnet18", epochs=2, steps_per_epoch=3, batch_size=2, train_length=16, val_length=4,
+            image_size=(32, 48), progress=False)
+
+
+def _random_gates(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in model.gates():
+            gate.alpha.copy_(torch.randn(gate.alpha.shape, generator=g))
+
+
+@pytest.mark.parametrize("name,kw,size", [
+    ("resnet18", {}, (3, 64, 64)),
+    ("hrnet_w18_small_v2", {"features_only": True}, (3, 64, 64)),
+])
+@pytest.mark.parametrize("budget", [0.3, 0.5, 0.7])
+def test_projection_lands_on_budget(name, kw, size, budget):
+    model = gatedmtl.convert(timm.create_model(name, pretrained=False, **kw), T, input_size=size)
+    _random_gates(model)
+    target = resolve_budget(model, budget, size)
+    predicted = project_to_budget(model, target, size)
+    landed = gatedmtl.count_flops(gatedmtl.prune(model.eval()), (1, *size))
+    assert predicted == landed or abs(predicted - landed) <= 0.005 * landed
+    assert abs(landed / target - 1) <= 0.01, (landed, target)
+    assert landed <= target * 1.0001
+
+
+def test_projection_opens_gates_when_below_budget():
+    model = gatedmtl.convert(timm.create_model("resnet18", pretrained=False), T, input_size=(3, 32, 32))
+    with torch.no_grad():
+        for gate in model.gates():
+            gate.alpha.fill_(-1.0)
+    target = resolve_budget(model, 0.5, (3, 32, 32))
+    project_to_budget(model, target, (3, 32, 32))
+    landed = gatedmtl.count_flops(gatedmtl.prune(model.eval()), (1, 3, 32, 32))
+    assert abs(landed / target - 1) <= 0.01
+
+
+def test_budget_parsing_and_infeasible_budgets():
+    model = gatedmtl.convert(timm.create_model("resnet18", pretrained=False), T, input_size=(3, 32, 32))
+    low, high = gatedmtl.flop_bounds(model, (3, 32, 32))
+    assert resolve_budget(model, f"{(low + high) / 2e9:.6f}GF", (3, 32, 32)) == pytest.approx((low + high) / 2, rel=1e-5)
+    assert resolve_budget(model, "0.5", (3, 32, 32)) == resolve_budget(model, 0.5, (3, 32, 32))
+    with pytest.raises(BudgetError, match=r"between .* GFLOPs .* and .* GFLOPs"):
+        resolve_budget(model, 0.9, (3, 32, 32))  # above all-open (T of the T+1 branches)
+    with pytest.raises(BudgetError, match="infeasible"):
+        resolve_budget(model, f"{low / 2e9}GF", (3, 32, 32))
+    for bad in (0, -0.5, 1.5, "0", "fast"):
+        with pytest.raises(ValueError):
+            resolve_budget(model, bad, (3, 32, 32))
+
+
+def test_sparsity_loss_closes_gates():
+    model = gatedmtl.convert(timm.create_model("resnet18", pretrained=False), T, input_size=(3, 32, 32))
+    target = resolve_budget(model, 0.4, (3, 32, 32))
+    opt = torch.optim.Adam([g.alpha for g in model.gates()], lr=0.1)
+    start = gatedmtl.predict_flops(model, (1, 3, 32, 32))
+    for _ in range(30):
+        opt.zero_grad()
+        gatedmtl.budget.sparsity_loss(model, target, (3, 32, 32)).backward()
+        opt.step()
+    end = gatedmtl.predict_flops(model, (1, 3, 32, 32))
+    assert end < start and end <= target * 1.05
+
+
+def test_train_logs_checkpoints_and_prunes(tmp_path):
+    out = tmp_path / "run"
+    trainer = Trainer(TrainConfig(**TINY, out=str(out)))
+    summary = trainer.fit()
+    assert summary["steps"] == 6
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 7))
+    assert set(lines[0]["loss"]) == set(T) and 0 < lines[-1]["density"] <= 1 and lines[-1]["gflops"] > 0
+    tensors, meta = load_checkpoint(out / "last.safetensors")
+    assert meta["step"] == 6 and meta["config"]["model"] == "resnet18"
+    assert json.loads((out / "last.json").read_text())["step"] == 6
+    report = prune_checkpoint(out / "last.safetensors", out / "lean.safetensors")
+    assert abs(report["error"]) <= 0.01
+    lean, lean_meta = load_network(out / "lean.safetensors")
+    gated, _ = load_network(out / "last.safetensors")
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        # the lean network equals the gated network after projection
+        resolve = resolve_budget(gated.encoder, "0.5", (3, 32, 48))
+        project_to_budget(gated.encoder, resolve, (3, 32, 48))
+        a, b = gated.eval()(x), lean(x)
+    assert all(relative_error(b[t], a[t]) < 1e-4 for t in T)
+    metrics = trainer.evaluate(lean)
+    assert set(metrics) == set(T) and "miou" in metrics["seg"]
+
+
+def test_refuses_to_overwrite_and_checks_resume_settings(tmp_path):
+    out = tmp_path / "run"
+    Trainer(TrainConfig(**TINY, out=str(out))).fit()
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(TrainConfig(**TINY, out=str(out)))
+    with pytest.raises(CheckpointError, match="tasks"):
+        Trainer(TrainConfig(**(TINY | {"model": "resnet18"}), tasks=("seg", "depth"), out=str(out)), resume=True)
+
+
+_KILLED_RUN = textwrap.dedent("""
+    import os, signal, sys
+    from gatedmtl.train import TrainConfig, Trainer
+    cfg = TrainConfig(**{cfg}, out=sys.argv[1])
+    trainer = Trainer(cfg)
+    def kill(record):
+        if record["step"] == 5:
+            os.kill(os.getpid(), signal.SIGKILL)
+    trainer.on_step = kill
+    trainer.fit()
+""")
+
+
+@pytest.mark.parametrize("balance", ["ew", "go4align"])
+def test_exact_resume_after_sigkill(tmp_path, balance):
+    cfg = TINY | {"epochs": 3, "steps_per_epoch": 3, "save_every": 2, "balance": balance, "lr": 1e-2}
+    ref = Trainer(TrainConfig(**cfg, out=str(tmp_path / "ref")))
+    ref.fit()
+    killed = tmp_path / "killed"
+    script = _KILLED_RUN.replace("{cfg}", repr(cfg))
+    proc = subprocess.run([sys.executable, "-c", script, str(killed)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert load_checkpoint(killed / "last.safetensors")[1]["step"] == 4  # mid-epoch (epoch 1, step 1 of 3)
+    resumed = Trainer(TrainConfig(**cfg, out=str(killed)), resume=True)
+    assert resumed.step == 4
+    resumed.fit()
+    a, b = ref.net.state_dict(), resumed.net.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+class _PoisonedScenes(Dataset):
+    """Scenes whose depth targets turn NaN from sample ``start`` on."""
+
+    def __init__(self, base, start):
+        self.base, self.start, self.tasks = base, start, base.tasks
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        item = dict(self.base[i])
+        if self.start is not None:
+            item["depth"] = torch.full_like(item["depth"], float("nan"))
+        return item
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    from gatedmtl.train import make_datasets
+
+    cfg = TrainConfig(**TINY, out=str(tmp_path / "run"))
+    train, val = make_datasets(cfg)
+    Trainer(cfg, datasets=(train, val)).fit()
+    before = (tmp_path / "run" / "last.safetensors").read_bytes()
+    cfg.epochs = 4
+    trainer = Trainer(cfg, resume=True, datasets=(_PoisonedScenes(train, 0), val))
+    with pytest.raises(NonFiniteLossError, match="task 'depth'"):
+        trainer.fit()
+    assert (tmp_path / "run" / "last.safetensors").read_bytes() == before
+
+
+def test_corrupted_truncated_and_pickled_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    Trainer(TrainConfig(**(TINY | {"epochs": 1}), out=str(out))).fit()
+    data = (out / "last.safetensors").read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        load_network(tmp_path / "trunc.safetensors")
+    with pytest.raises(FileNotFoundError):
+        load_network(tmp_path / "missing.safetensors")
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"weight": torch.zeros(1), "obj": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="refuses"):
+        load_weights(tmp_path / "evil.pt")
+    torch.save(timm.create_model("resnet18", pretrained=False, features_only=True).state_dict(), tmp_path / "ok.pt")
+    assert "conv1.weight" in load_weights(tmp_path / "ok.pt")
+
+
+def test_backbone_checkpoint_is_loaded(tmp_path):
+    backbone = timm.create_model("resnet18", pretrained=False, features_only=True)
+    torch.save({"state_dict": backbone.state_dict()}, tmp_path / "bb.pt")
+    trainer = Trainer(TrainConfig(**TINY, out=str(tmp_path / "run"), checkpoint=str(tmp_path / "bb.pt")))
+    slot = trainer.net.encoder.backbone.conv1.slots[2]
+    assert torch.equal(slot.weight, backbone.conv1.weight)
+    torch.save({"other.weight": torch.zeros(3)}, tmp_path / "wrong.pt")
+    with pytest.raises(ValueError, match="holds no weights"):
+        Trainer(TrainConfig(**TINY, out=str(tmp_path / "run2"), checkpoint=str(tmp_path / "wrong.pt")))
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"model": "resnet_does_not_exist"}, "unknown model"),
+    ({"tasks": ("seg", "flow")}, "flow"),
+    ({"budget": "0"}, "budget"),
+    ({"budget": "0.95"}, "infeasible"),
+    ({"arch": "mixed"}, "arch"),
+    ({"balance": "nope"}, "nope"),
+    ({"data": "nyuv2", "data_root": "/nonexistent/nyu"}, "nyu"),
+])
+def test_bad_settings_are_clear(tmp_path, change, match):
+    with pytest.raises((ValueError, TypeError, FileNotFoundError), match=match):
+        Trainer(TrainConfig(**(TINY | change), out=str(tmp_path / "run")))
+    assert not (tmp_path / "run" / "last.safetensors").exists()
+
+
+def test_shared_arch_trains(tmp_path):
+    trainer = Trainer(TrainConfig(**TINY, arch="shared", out=str(tmp_path / "run")))
+    trainer.fit()
+    assert not trainer.gated and (tmp_path / "run" / "last.safetensors").exists()
+
+
+def test_cli_train_prune_export(tmp_path):
+    out = tmp_path / "run"
+    common = [sys.executable, "-m", "gatedmtl.cli"]
+    run = subprocess.run(common + ["train", "--model", "resnet18", "--epochs", "1", "--steps-per-epoch", "2",
+                                   "--batch-size", "2", "--image-size", "32x48", "--train-length", "8",
+                                   "--out", str(out), "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "budget: requested" in run.stdout
+    run = subprocess.run(common + ["prune", str(out / "last.safetensors"), "--out", str(out / "lean.safetensors")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "lean model" in run.stdout, run.stderr[-3000:]
+    run = subprocess.run(common + ["export", str(out / "last.safetensors"), "--out", str(out / "m.onnx")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "prune" in (run.stdout + run.stderr)
+    run = subprocess.run(common + ["export", str(out / "lean.safetensors"), "--out", str(out / "m.onnx")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (out / "m.onnx").exists()
+    run = subprocess.run(common + ["train", "--balance", "list"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "db_mtl" in run.stdout and "go4align" in run.stdout
+
+
+def test_two_process_data_parallel(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "gatedmtl.cli", "train", "--model", "resnet18", "--epochs", "1", "--steps-per-epoch", "3",
+           "--batch-size", "2", "--image-size", "32x48", "--train-length", "16", "--budget", "none",
+           "--out", str(out), "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "largest parameter difference across 2 ranks = 0" in run.stdout
+    assert load_checkpoint(out / "last.safetensors")[1]["world"] == 2
