@@ -18,9 +18,10 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from .slots import SlotModule
 from .surgery import GatedModel, _parents
 
-__all__ = ["prune", "LeanModel", "LeanGatedLayer", "prune_out_channels"]
+__all__ = ["prune", "LeanModel", "LeanGatedLayer", "prune_out_channels", "computed_slots"]
 
 
 def prune_out_channels(module: nn.Module, keep: Tensor) -> nn.Module:
@@ -89,6 +90,7 @@ class LeanGatedLayer(nn.Module):
         self.branches = nn.ModuleList(b if b is not None else nn.Identity() for b in branches)
         self.present = [b is not None for b in branches]
         self.num_slots = len(branches)
+        self.slots: tuple[int, ...] = tuple(range(self.num_slots))  # slots on the batch axis, see LeanModel
         self.channel_dim = channel_dim
         self.channels = width
         for s, idx in enumerate(in_index):
@@ -138,24 +140,23 @@ class LeanGatedLayer(nn.Module):
             w = w.reshape((-1,) + (1,) * (like.dim() - 2))
         return w.to(like.dtype)
 
+    def _branch(self, s: int, x: Tensor) -> Tensor:
+        idx = getattr(self, f"in_index_{s}")
+        if idx is not None:
+            x = x.index_select(1, idx)
+        return self.branches[s](x)
+
     def forward(self, x: Tensor) -> Tensor:
-        num_slots = self.num_slots
-        slots = _slot_view(x, num_slots)
-        outs: list[Tensor | None] = []
-        for s in range(num_slots):
-            if not self.present[s]:
-                outs.append(None)
-                continue
-            xs = slots[s]
-            idx = getattr(self, f"in_index_{s}")
-            if idx is not None:
-                xs = xs.index_select(1, idx)
-            outs.append(self.branches[s](xs))
+        if len(self.slots) == 1:  # one slot computed: its branch has every channel
+            return self._branch(self.slots[0], x)
+        chunks = _slot_view(x, len(self.slots))
+        outs: list[Tensor | None] = [None] * self.num_slots
+        for i, s in enumerate(self.slots):
+            if self.present[s]:
+                outs[s] = self._branch(s, chunks[i])
         shared = outs[0]
         dim = self.channel_dim
-        pool = None
-        if self.pool_slots:
-            pool = torch.cat([outs[s] for s in self.pool_slots], dim=dim)
+        pool = torch.cat([outs[s] for s in self.pool_slots], dim=dim) if self.pool_slots else None
         full: list[Tensor] = []
         for t, src in enumerate(self.sources):
             if src == "own":
@@ -164,32 +165,44 @@ class LeanGatedLayer(nn.Module):
                 full.append(shared)
             else:
                 full.append(pool.index_select(dim, getattr(self, f"restore_{t}")))
+        pieces = [self._mixed(shared, full) if s == 0 else full[s - 1] for s in self.slots]
+        return torch.cat(pieces, 0)
+
+    def _mixed(self, shared: Tensor | None, full: list[Tensor]) -> Tensor:
         if self.mix == "shared":
-            mixed = shared
-        elif self.mix == "dead":
-            mixed = full[0]
-        else:
-            mixed = None
-            if self.mix_shared is not None:
-                mixed = shared * self._weight(self.mix_shared, shared)
-            for t, src in enumerate(self.sources):
-                if src != "shared":
-                    term = full[t] * self._weight(self.weights[t], full[t])
-                    mixed = term if mixed is None else mixed + term
-        return torch.cat([mixed, *full], 0)
+            return shared
+        if self.mix == "dead":
+            return full[0]
+        mixed = None
+        if self.mix_shared is not None:
+            mixed = shared * self._weight(self.mix_shared, shared)
+        for t, src in enumerate(self.sources):
+            if src != "shared":
+                term = full[t] * self._weight(self.weights[t], full[t])
+                mixed = term if mixed is None else mixed + term
+        return mixed
 
     def extra_repr(self) -> str:
-        return f"kept={self.kept}/{self.channels}, sources={self.sources}, mix={self.mix!r}"
+        return f"kept={self.kept}/{self.channels}, sources={self.sources}, mix={self.mix!r}, slots={self.slots}"
 
 
 class LeanModel(nn.Module):
-    """A pruned multi-task model: ``forward(x[B, C, H, W]) -> {task: output}``. No gates, no logits."""
+    """A pruned multi-task model: ``forward(x[B, C, H, W]) -> {task: output}``. No gates, no logits.
 
-    def __init__(self, backbone: nn.Module, tasks: Sequence[str], input_size: tuple[int, ...]) -> None:
+    The backbone runs on ``[K*B, ...]`` with the ``K`` slots in ``slots`` folded on the batch
+    axis: normally every slot (shared + tasks), fewer where the others are provably not
+    needed (see :func:`computed_slots`): ``(0,)`` when every gate is closed (every task equals
+    the shared branch, the model is the plain backbone), ``(1, ..., T)`` when every gate is
+    open (no task reads the shared branch).
+    """
+
+    def __init__(self, backbone: nn.Module, tasks: Sequence[str], input_size: tuple[int, ...],
+                 slots: Sequence[int] | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.tasks = tuple(tasks)
         self.input_size = tuple(input_size)
+        self.slots = tuple(slots) if slots is not None else tuple(range(len(self.tasks) + 1))
 
     @property
     def num_slots(self) -> int:
@@ -204,16 +217,18 @@ class LeanModel(nn.Module):
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"input {got} does not fit: expected [B, {self.input_size[0]}, ...] "
                              f"with {len(self.input_size) + 1} dims")
-        num_slots = self.num_slots
+        k = len(self.slots)
         try:
-            out = self.backbone(torch.cat([x] * num_slots, 0))
+            out = self.backbone(torch.cat([x] * k, 0) if k > 1 else x)
         except (RuntimeError, AssertionError) as e:
             if tuple(x.shape[1:]) == tuple(self.input_size):
                 raise
             raise ValueError(
                 f"the backbone rejected an input of shape {tuple(x.shape)} (it was built for {self.input_size}): {e}"
             ) from e
-        return {t: _unfold(out, i + 1, num_slots) for i, t in enumerate(self.tasks)}
+        if k == 1:
+            return {t: out for t in self.tasks}
+        return {t: _unfold(out, self.slots.index(i + 1), k) for i, t in enumerate(self.tasks)}
 
 
 def _unfold(output: Any, slot: int, num_slots: int) -> Any:
@@ -278,6 +293,35 @@ def _mark_dead_shared(lean: LeanModel, layers: Sequence[LeanGatedLayer]) -> None
             m.mix = "dead"
 
 
+def computed_slots(model: GatedModel) -> tuple[int, ...]:
+    """The slots that ``prune(model)`` folds on the batch axis (0 = shared, t = task t).
+
+    Normally all ``S = T + 1``. When the model has no per-slot module other than its gated
+    layers (and their norms), two cases need fewer, exactly:
+
+    * every gate closed: ``(0,)`` -- every slot computes the same thing, the lean model is the
+      plain backbone and every task reads its output;
+    * every gate open: ``(1, ..., T)`` -- no layer has a shared branch, the shared slot is dead.
+
+    fvcore then counts the parameter-free ops that it counts (pooling, upsampling, matmuls)
+    ``K = len(slots)`` times instead of ``S`` times: with ``U`` = full folded FLOPs minus ``S``
+    times the gated layers' cost, the lean FLOPs are ``sum cost * live + U * K / S``.
+    """
+    if not isinstance(model, GatedModel):
+        raise TypeError(f"expected a GatedModel, got {type(model).__name__}")
+    everything = tuple(range(model.num_slots))
+    gated = set(model.gate_names)
+    gated |= {model.backbone.get_submodule(n).producer for n in model.gate_names}
+    if any(isinstance(m, SlotModule) and n not in gated for n, m in model.backbone.named_modules()):
+        return everything
+    masks = [g.open_mask() for g in model.gates()]
+    if not any(bool(m.any()) for m in masks):
+        return (0,)
+    if all(bool(m.all()) for m in masks):
+        return everything[1:]
+    return everything
+
+
 @torch.no_grad()
 def prune(model: GatedModel) -> LeanModel:
     """Build the lean model of ``model`` from its current gates (see module docstring).
@@ -321,7 +365,11 @@ def prune(model: GatedModel) -> LeanModel:
         if paired:
             for parent, attr in where[id(unit)]:
                 parent._modules[attr] = nn.Identity()
-    lean_model = LeanModel(backbone, model.tasks, model.input_size)
+    slots = computed_slots(model)
+    for layer in layers:
+        layer.slots = slots
+    lean_model = LeanModel(backbone, model.tasks, model.input_size, slots)
     lean_model.train(model.training)
-    _mark_dead_shared(lean_model, layers)
+    if 0 in slots:
+        _mark_dead_shared(lean_model, layers)
     return lean_model

@@ -1,0 +1,170 @@
+"""Every loss-balancing strategy in a real (tiny) training run, on the gated and the shared arch.
+
+The unit tests of the strategies themselves are in ``tests/test_balancing.py``; this file checks
+that each one works inside :class:`gatedmtl.train.Trainer` on the embedded ``scenes`` data: no
+NaN, per-task losses and weights written to ``out/log.jsonl``, finite parameters afterwards. It
+also pins down which parameters the trainer hands to a strategy as *shared* on the gated arch
+(the whole encoder: every slot and the gates) and why (see ``gatedmtl.balancing``'s docstring).
+
+Sizes: the shared arch runs resnet18; the gated arch runs ``mobilenetv3_small_050`` in the fast
+set, because a gradient-level strategy on the gated arch takes per-task gradients of all
+``T + 1`` encoder copies (resnet18: 45 M parameters, several seconds a step on 2 CPU cores).
+The gated resnet18 runs are marked ``slow`` (``make test-all``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from gatedmtl import balancing
+from gatedmtl.train import TrainConfig, Trainer
+
+TASKS = ("seg", "depth", "normals")
+MODEL = {"shared": "resnet18", "gated": "mobilenetv3_small_050"}
+SLOW_GATED_MODEL = "resnet18"
+# optional solver modules per strategy (torchjd imports them when the strategy is created)
+SOLVERS = {"cagrad": ("cvxpy",), "nash_mtl": ("cvxpy", "ecos"), "upgrad": ("qpsolvers", "quadprog")}
+# 3 epochs of 1 step: DWA leaves its w = 1 warm-up (two known epoch means) on the last step,
+# GradNorm its EW first step, and epoch-end hooks / checkpoints run at every step.
+EPOCHS, STEPS_PER_EPOCH = 3, 1
+
+
+def _need_solvers(name: str) -> None:
+    for module in SOLVERS.get(name, ()):
+        pytest.importorskip(
+            module,
+            reason=f"balancing strategy {name!r} needs the optional solver {module!r} "
+            "(pip install 'gatedmtl[solvers]')",
+        )
+
+
+def _config(name: str, arch: str, model: str, out: Path, **kw) -> TrainConfig:
+    base = dict(model=model, tasks=TASKS, arch=arch, epochs=EPOCHS, steps_per_epoch=STEPS_PER_EPOCH,
+                batch_size=2, train_length=8, val_length=4, image_size=(32, 48), progress=False,
+                balance=name, out=str(out), seed=0)
+    return TrainConfig(**(base | kw))
+
+
+def _read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _train_and_check(name: str, arch: str, model: str, tmp_path: Path) -> None:
+    _need_solvers(name)
+    out = tmp_path / f"{arch}-{name}"
+    trainer = Trainer(_config(name, arch, model, out))
+    assert trainer.gated == (arch == "gated")
+    summary = trainer.fit()
+    steps = EPOCHS * STEPS_PER_EPOCH
+    assert summary["steps"] == steps
+
+    records = _read_log(out)
+    assert [r["step"] for r in records] == list(range(1, steps + 1)), "one log record per step"
+    for r in records:
+        assert set(r["loss"]) == set(TASKS), r
+        assert set(r["weights"]) == set(TASKS), r
+        for t in TASKS:
+            assert isinstance(r["loss"][t], float) and math.isfinite(r["loss"][t]), (name, arch, r)
+            assert math.isfinite(r["weights"][t]), (name, arch, r)
+        if arch == "gated":
+            assert math.isfinite(r["gflops"]) and 0.0 <= r["density"] <= 1.0
+    # the strategy did something: at least one task weight is non-zero at every step
+    assert all(any(abs(w) > 0 for w in r["weights"].values()) for r in records)
+    for n, p in trainer.net.named_parameters():
+        assert torch.isfinite(p).all(), f"{name}/{arch}: parameter {n} is not finite"
+    for p in trainer.strategy.extra_parameters():
+        assert torch.isfinite(p).all()
+    assert (out / "last.safetensors").exists()
+
+
+@pytest.mark.parametrize("arch", ["shared", "gated"])
+@pytest.mark.parametrize("name", balancing.available())
+def test_short_training_every_strategy(name, arch, tmp_path):
+    _train_and_check(name, arch, MODEL[arch], tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", balancing.available())
+def test_short_training_gated_resnet18(name, tmp_path):
+    _train_and_check(name, "gated", SLOW_GATED_MODEL, tmp_path)
+
+
+def test_available_strategies_are_the_documented_ones():
+    # if a strategy is added, it is trained above automatically; keep the docs in step
+    doc = balancing.__doc__
+    for name in balancing.available():
+        assert f"``{name}``" in doc, f"{name} is not listed in gatedmtl.balancing's docstring"
+
+
+# ---------------------------------------------------------------------------------------------
+# the gated arch: what the trainer passes as shared parameters, and why
+
+
+def _spy_on_backward(trainer: Trainer) -> list[tuple[list, list]]:
+    calls: list[tuple[list, list]] = []
+    real = trainer.strategy.backward
+
+    def spy(losses, shared_params, task_params=(), **kw):
+        shared_params, task_params = list(shared_params), list(task_params)
+        calls.append((shared_params, task_params))
+        return real(losses, shared_params, task_params, **kw)
+
+    trainer.strategy.backward = spy
+    return calls
+
+
+@pytest.mark.parametrize("arch", ["gated", "shared"])
+def test_trainer_passes_the_whole_encoder_as_shared_params(arch, tmp_path):
+    trainer = Trainer(_config("mgda", arch, MODEL["gated"], tmp_path / arch))
+    calls = _spy_on_backward(trainer)
+    batch = next(iter(DataLoader(trainer.train_set, batch_size=2)))
+    trainer.train_step(batch, epoch=0)
+    assert len(calls) == 1
+    shared, heads = calls[0]
+    shared_ids, head_ids = {id(p) for p in shared}, {id(p) for p in heads}
+    net = trainer.net
+    assert shared_ids == {id(p) for p in net.encoder.parameters() if p.requires_grad}
+    assert head_ids == {id(p) for p in net.heads.parameters()}
+    assert not shared_ids & head_ids
+    assert shared_ids | head_ids == {id(p) for p in net.parameters() if p.requires_grad}
+    if arch == "gated":
+        names = {n for n, p in net.encoder.named_parameters() if id(p) in shared_ids}
+        for s in range(len(TASKS) + 1):  # the shared slot 0 and every task slot
+            assert any(f".slots.{s}." in n for n in names), f"slot {s} missing from shared params"
+        assert any(n.endswith(".alpha") for n in names) and any(n.endswith(".beta") for n in names)
+
+
+def test_every_encoder_slot_influences_every_task(tmp_path):
+    """Why the whole gated encoder counts as shared: with some gates closed, task ``u``'s branch
+    feeds the shared branch through the beta mix, and the shared branch feeds task ``t`` through
+    its closed gates, so ``L_t`` has a gradient in every slot (and in the gates)."""
+    trainer = Trainer(_config("ew", "gated", MODEL["gated"], tmp_path))
+    net = trainer.net
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for gate in net.encoder.gates():
+            gate.alpha.copy_(torch.randn(gate.alpha.shape, generator=g))  # about half of them closed
+            gate.beta.copy_(torch.randn(gate.beta.shape, generator=g))
+    batch = next(iter(DataLoader(trainer.train_set, batch_size=2)))
+    for i, task in enumerate(TASKS):
+        net.zero_grad(set_to_none=True)
+        losses = trainer._losses(batch)
+        losses[task].backward()
+        reached = {s: False for s in range(len(TASKS) + 1)}
+        for n, p in net.encoder.named_parameters():
+            if p.grad is None or not p.grad.abs().sum() > 0:
+                continue
+            for s in reached:
+                if f".slots.{s}." in n:
+                    reached[s] = True
+        assert all(reached.values()), f"loss of {task!r} reaches only slots {reached}"
+        gates = net.encoder.gates()
+        assert any(gt.beta.grad is not None and gt.beta.grad.abs().sum() > 0 for gt in gates)
+        other_heads = [h for t, h in net.heads.items() if t != task]
+        assert all(p.grad is None or not p.grad.any() for h in other_heads for p in h.parameters())

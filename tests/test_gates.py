@@ -1,0 +1,77 @@
+"""ChannelGate and the cost model against hand-computed cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import gatedmtl
+from gatedmtl.cost import _live, expected_flops
+from gatedmtl.gates import ChannelGate, straight_through
+
+
+def test_straight_through_value_and_gradient():
+    alpha = torch.tensor([-2.0, 0.0, 0.5, 3.0], requires_grad=True)
+    m = straight_through(alpha)
+    assert m.tolist() == [0.0, 0.0, 1.0, 1.0]
+    m.sum().backward()
+    s = torch.sigmoid(alpha.detach())
+    assert torch.allclose(alpha.grad, s * (1 - s))
+
+
+def test_mixing_matches_formula_for_conv_and_linear_layouts():
+    torch.manual_seed(0)
+    gate = ChannelGate(num_tasks=2, channels=3, channel_dim=1)
+    with torch.no_grad():
+        gate.alpha.copy_(torch.tensor([[1.0, -1.0, 1.0], [-1.0, -1.0, 1.0]]))
+        gate.beta.copy_(torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.0, -1.0]]))
+    y = torch.randn(3 * 2, 3, 2, 2)  # S=3 slots, b=2
+    out = gate(y).reshape(3, 2, 3, 2, 2)
+    psi, phi = y.reshape(3, 2, 3, 2, 2)[0], y.reshape(3, 2, 3, 2, 2)[1:]
+    m = torch.tensor([[1.0, 0, 1], [0, 0, 1]])
+    w = torch.softmax(gate.beta.detach(), 0)
+    for t in range(2):
+        for c in range(3):
+            expect = phi[t, :, c] if m[t, c] else psi[:, c]
+            assert torch.equal(out[t + 1, :, c], expect)
+    for c in range(3):
+        mixed = sum(w[t, c] * out[t + 1, :, c] for t in range(2))
+        assert torch.allclose(out[0, :, c], mixed)
+    linear = ChannelGate(num_tasks=2, channels=3, channel_dim=-1)
+    linear.load_state_dict(gate.state_dict())
+    z = y.permute(0, 2, 3, 1).contiguous()  # channels last
+    assert torch.allclose(linear(z).permute(0, 3, 1, 2), gate(y))
+
+
+def test_gate_rejects_wrong_shapes():
+    gate = ChannelGate(2, 4, 1)
+    with pytest.raises(ValueError, match="multiple of 3 slots"):
+        gate(torch.randn(4, 4, 2, 2))
+    with pytest.raises(ValueError, match="expected 4 channels"):
+        gate(torch.randn(3, 5, 2, 2))
+    with pytest.raises(ValueError):
+        ChannelGate(2, 4, 2)
+
+
+def test_live_slots_per_channel():
+    # T=3: all open -> 3 task filters, shared dead; all closed -> shared only; mixed -> own + shared
+    m = torch.tensor([[1.0, 0, 1, 0], [1, 0, 0, 0], [1, 0, 1, 1]])
+    assert _live(m).tolist() == [3.0, 1.0, 3.0, 2.0]
+
+
+def test_cost_of_a_two_layer_net_by_hand():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.ReLU(), nn.Conv2d(4, 2, 1, bias=False))
+    model = gatedmtl.convert(net, ["a", "b"], input_size=(3, 5, 5))
+    info = gatedmtl.analyze(model, (3, 5, 5))
+    assert info.full == 3 * (4 * 3 * 9 * 25 + 2 * 4 * 25)
+    assert info.costs[0].tolist() == [3 * 9 * 25] * 4 and info.costs[1].tolist() == [4 * 25] * 2
+    with torch.no_grad():
+        model.gates()[0].alpha.copy_(torch.tensor([[1.0, 1, -1, -1], [1, -1, -1, -1]]))
+        model.gates()[1].alpha.fill_(-1.0)
+    # layer 1: live = [2, 2, 1, 1] filters of 675 FLOPs; layer 2: shared only, 2 filters of 100
+    expect = (2 + 2 + 1 + 1) * 675 + 2 * 100
+    assert gatedmtl.predict_flops(model, (1, 3, 5, 5)) == expect
+    assert gatedmtl.count_flops(gatedmtl.prune(model.eval()), (1, 3, 5, 5)) == expect
+    assert expected_flops(model, (3, 5, 5)).item() == pytest.approx(expect)
+    assert gatedmtl.flop_bounds(model, (3, 5, 5)) == (4 * 675 + 2 * 100, 2 * (4 * 675 + 2 * 100))
