@@ -389,6 +389,9 @@ def _run_exporter(
         with warnings.catch_warnings():
             for message in _TORCHSCRIPT_DEPRECATIONS:
                 warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
+            # shape checks in Python (input validation, head sizes) are constants of the traced
+            # graph by design; the batch axis stays dynamic and is checked against torch below
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             torch.onnx.export(wrapper, (example,), str(out_file), **kwargs)
     else:
         if not has_flag:

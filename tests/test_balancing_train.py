@@ -26,13 +26,14 @@ from gatedmtl import balancing
 from gatedmtl.train import TrainConfig, Trainer
 
 TASKS = ("seg", "depth", "normals")
-MODEL = {"shared": "resnet18", "gated": "mobilenetv3_small_050"}
+MODEL = {"shared": "resnet10t", "gated": "mobilenetv3_small_050"}
 SLOW_GATED_MODEL = "resnet18"
 # optional solver modules per strategy (torchjd imports them when the strategy is created)
 SOLVERS = {"cagrad": ("cvxpy",), "nash_mtl": ("cvxpy", "ecos"), "upgrad": ("qpsolvers", "quadprog")}
-# 3 epochs of 1 step: DWA leaves its w = 1 warm-up (two known epoch means) on the last step,
-# GradNorm its EW first step, and epoch-end hooks / checkpoints run at every step.
-EPOCHS, STEPS_PER_EPOCH = 3, 1
+# (epochs, steps per epoch): 2 steps let GradNorm leave its EW first step and FAMO update its
+# logits; DWA needs two known epoch means before its weights leave w = 1, hence 3 epochs of 1.
+SCHEDULE = {"dwa": (3, 1)}
+DEFAULT_SCHEDULE = (1, 2)
 
 
 def _need_solvers(name: str) -> None:
@@ -45,7 +46,8 @@ def _need_solvers(name: str) -> None:
 
 
 def _config(name: str, arch: str, model: str, out: Path, **kw) -> TrainConfig:
-    base = dict(model=model, tasks=TASKS, arch=arch, epochs=EPOCHS, steps_per_epoch=STEPS_PER_EPOCH,
+    epochs, steps_per_epoch = SCHEDULE.get(name, DEFAULT_SCHEDULE)
+    base = dict(model=model, tasks=TASKS, arch=arch, epochs=epochs, steps_per_epoch=steps_per_epoch,
                 batch_size=2, train_length=8, val_length=4, image_size=(32, 48), progress=False,
                 balance=name, out=str(out), seed=0)
     return TrainConfig(**(base | kw))
@@ -58,10 +60,11 @@ def _read_log(out: Path) -> list[dict]:
 def _train_and_check(name: str, arch: str, model: str, tmp_path: Path) -> None:
     _need_solvers(name)
     out = tmp_path / f"{arch}-{name}"
-    trainer = Trainer(_config(name, arch, model, out))
+    config = _config(name, arch, model, out)
+    trainer = Trainer(config)
     assert trainer.gated == (arch == "gated")
     summary = trainer.fit()
-    steps = EPOCHS * STEPS_PER_EPOCH
+    steps = config.epochs * config.steps_per_epoch
     assert summary["steps"] == steps
 
     records = _read_log(out)
@@ -76,6 +79,9 @@ def _train_and_check(name: str, arch: str, model: str, tmp_path: Path) -> None:
             assert math.isfinite(r["gflops"]) and 0.0 <= r["density"] <= 1.0
     # the strategy did something: at least one task weight is non-zero at every step
     assert all(any(abs(w) > 0 for w in r["weights"].values()) for r in records)
+    if name == "dwa":  # past its warm-up, DWA weights come from the epoch means (sum T)
+        assert sum(records[-1]["weights"].values()) == pytest.approx(len(TASKS))
+        assert records[-1]["weights"] != {t: 1.0 for t in TASKS}
     for n, p in trainer.net.named_parameters():
         assert torch.isfinite(p).all(), f"{name}/{arch}: parameter {n} is not finite"
     for p in trainer.strategy.extra_parameters():

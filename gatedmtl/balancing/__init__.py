@@ -35,6 +35,32 @@ si         1/L_t per task (loss-scale invariant)                    T g / L
 db_mtl     T x largest EMA log-loss gradient (loss-scale invariant) (1-beta^k) T g / L, step k
 nash_mtl   alpha_t g_t.d = 1 (gradient-scale free), norm <= max_norm g/|g| (max_norm 1)
 ========== ======================================================== ==========================
+
+Shared parameters in the trainer
+--------------------------------
+
+:meth:`gatedmtl.train.Trainer.train_step` passes ``net.encoder_parameters()`` as
+``shared_params`` and ``net.head_parameters()`` as ``task_params``, on both archs:
+
+* ``arch="shared"`` (hard sharing): the encoder is the one backbone every task reads, the
+  usual MTL split.
+* ``arch="gated"``: *every* encoder parameter, i.e. all ``T + 1`` slots (the shared slot 0 and
+  each task's slot) plus the gate logits ``alpha`` and ``beta``, counts as shared. A task slot
+  is not private to its task: the shared branch reads the mix
+  :math:`\\psi' = \\sum_u \\mathrm{softmax}_u(\\beta) \\varphi'_u` of all task features, and
+  every task reads the shared branch where its gate is closed
+  (:math:`\\varphi'_t = m_t \\varphi_t + (1 - m_t) \\psi`), so task ``u``'s slot reaches
+  :math:`L_t` through ``beta`` and the shared layers above, and the gates take part in every
+  task's loss. Aggregating only slot 0 would miss the conflicts in those paths, and per-slot
+  splitting would change with the gate pattern during training. Only the heads feed one
+  task alone; they get the plain gradient, as for every gradient-level strategy.
+
+  Cost: a gradient-level strategy holds a ``[T, n]`` Jacobian over all ``(T + 1)`` backbone
+  copies and does ``T`` backward passes (resnet18, 3 tasks: 45 M encoder parameters), so its
+  step is several times slower than a loss-level one (``benchmarks/results/balancing.md``).
+  While every gate is open (the initial state) the shared slot's columns of ``J`` are
+  zero: they cost memory but do not change the aggregation. ``tests/test_balancing_train.py``
+  checks the split and that each task's loss reaches every slot once some gates close.
 """
 
 from ._base import GradientStrategy, LossStrategy, Strategy

@@ -1,0 +1,135 @@
+"""Lean models of real backbones exported to ONNX: parity in ONNX Runtime, dynamic batch, no gate
+logic in the graph, FLOPs that shrink as gates close, and the folded-slot shortcuts of prune."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+import timm
+import torch
+from torch import nn
+
+import gatedmtl
+from gatedmtl.export import export_onnx, relative_error
+from gatedmtl.prune import computed_slots
+from gatedmtl.verify import perturb_slots, set_gates
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+T = ("seg", "depth", "normals")
+SIZE = (3, 64, 64)
+# ops through which gates would show up in a graph: STE sigmoid, alpha > 0, softmax of beta
+GATE_OPS = ("Sigmoid", "Greater", "Softmax", "Exp", "Less", "Where")
+
+MODELS = [
+    pytest.param("resnet18", lambda: timm.create_model("resnet18", pretrained=False), id="resnet18"),
+    pytest.param("vit", lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2), id="vit"),
+    pytest.param("hrnet", lambda: timm.create_model("hrnet_w18_small_v2", pretrained=False, features_only=True),
+                 id="hrnet_w18_small_v2", marks=pytest.mark.slow),
+    pytest.param("efficientnet", lambda: timm.create_model("efficientnet_b0", pretrained=False),
+                 id="efficientnet_b0", marks=pytest.mark.slow),
+]
+
+
+class _Plain(nn.Module):
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x):
+        return {"out": self.backbone(x)}
+
+
+def _ops(path) -> collections.Counter:
+    return collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+def _session(path):
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _ort_tasks(session, x: np.ndarray, tasks) -> dict[str, list[np.ndarray]]:
+    names = [o.name for o in session.get_outputs()]
+    out = dict(zip(names, session.run(names, {"image": x})))
+    return {t: [out[n] for n in names if n == t or n.startswith(f"{t}.")] for t in tasks}
+
+
+def _torch_tasks(model, x: np.ndarray) -> dict[str, list[torch.Tensor]]:
+    with torch.no_grad():
+        out = model(torch.from_numpy(x))
+    return {t: [v] if isinstance(v, torch.Tensor) else list(v) for t, v in out.items()}
+
+
+def _worst(onnx_out, torch_out) -> float:
+    return max(relative_error(a, b.numpy()) for t in torch_out for a, b in zip(onnx_out[t], torch_out[t]))
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(0)
+
+
+@pytest.mark.parametrize("name,build", MODELS)
+def test_lean_onnx_parity_dynamic_batch_no_gates(name, build, gen, tmp_path):
+    backbone = build().eval()
+    model = gatedmtl.convert(backbone, T, input_size=SIZE).eval()
+    perturb_slots(model, generator=gen)
+    set_gates(model, 0.5, gen)
+    lean = gatedmtl.prune(model).eval()
+    assert lean.slots == (0, 1, 2, 3)
+
+    report = export_onnx(lean, tmp_path / "lean.onnx", (1, *SIZE))
+    assert max(report.max_rel_error.values()) <= 1e-4
+    session = _session(report.path)
+    rng = np.random.default_rng(1)
+    for batch in (1, 4):  # one file, two batch sizes
+        x = rng.standard_normal((batch, *SIZE)).astype(np.float32)
+        got = _ort_tasks(session, x, T)
+        assert all(o.shape[0] == batch for outs in got.values() for o in outs)
+        assert _worst(got, _torch_tasks(lean, x)) <= 1e-4, f"ORT vs lean torch, batch {batch}"
+        assert _worst(got, _torch_tasks(model, x)) <= 1e-4, f"ORT vs gated torch, batch {batch}"
+
+    plain = export_onnx(_Plain(backbone), tmp_path / "plain.onnx", (1, *SIZE), check=False)
+    lean_ops, plain_ops = _ops(report.path), _ops(plain.path)
+    for op in GATE_OPS:  # activations run once on the folded batch: same count as the backbone
+        assert lean_ops[op] == plain_ops[op], (op, lean_ops[op], plain_ops[op])
+    assert not any("alpha" in i.name or "beta" in i.name for i in onnx.load(str(report.path)).graph.initializer)
+
+
+def test_flops_shrink_as_gates_close(gen):
+    model = gatedmtl.convert(timm.create_model("resnet18", pretrained=False), T, input_size=SIZE).eval()
+    flops = []
+    for density in (1.0, 0.75, 0.5, 0.25, 0.0):
+        set_gates(model, density, torch.Generator().manual_seed(3))
+        lean = gatedmtl.prune(model)
+        flops.append(gatedmtl.count_flops(lean, (1, *SIZE)))
+        assert abs(flops[-1] - gatedmtl.predict_flops(model, (1, *SIZE))) <= 0.005 * flops[-1]
+    assert flops == sorted(flops, reverse=True) and len(set(flops)) == len(flops), flops
+    backbone = gatedmtl.count_flops(timm.create_model("resnet18", pretrained=False), (1, *SIZE))
+    assert flops[-1] == backbone  # all closed: the plain backbone
+    assert abs(flops[0] - len(T) * backbone) <= 1e-4 * flops[0]  # all open: T task branches
+
+
+@pytest.mark.parametrize("pattern,slots", [("closed", (0,)), ("open", (1, 2, 3))])
+def test_folded_slot_shortcuts_export_exactly(pattern, slots, gen, tmp_path):
+    """All gates closed: the lean graph is the plain backbone; all open: no shared slot."""
+    backbone = timm.create_model("resnet18", pretrained=False).eval()
+    model = gatedmtl.convert(backbone, T, input_size=SIZE).eval()
+    perturb_slots(model, generator=gen)
+    set_gates(model, pattern, gen)
+    lean = gatedmtl.prune(model).eval()
+    assert lean.slots == slots == computed_slots(model)
+    x = np.random.default_rng(2).standard_normal((4, *SIZE)).astype(np.float32)
+    report = export_onnx(lean, tmp_path / "lean.onnx", (1, *SIZE))
+    got = _ort_tasks(_session(report.path), x, T)
+    assert _worst(got, _torch_tasks(model, x)) <= 1e-4
+    plain = export_onnx(_Plain(backbone), tmp_path / "plain.onnx", (1, *SIZE), check=False)
+    lean_ops, plain_ops = _ops(report.path), _ops(plain.path)
+    assert lean_ops["Conv"] == len(slots) * plain_ops["Conv"]
+    if pattern == "closed":
+        assert lean_ops["Concat"] == lean_ops["Gather"] == lean_ops["Mul"] == 0

@@ -1,0 +1,116 @@
+"""gatedmtl.profile: the numbers agree with count_flops / count_params / predict_flops, per-slot
+FLOPs add up, gated and lean tables agree, ungated layers are listed, table/JSON/CLI work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import gatedmtl
+from gatedmtl.cost import flops_by_module
+from gatedmtl.profile import compare, main, profile
+from gatedmtl.verify import set_gates
+
+T = ("seg", "depth", "normals")
+SHAPE = (1, 3, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    backbone = timm.create_model("resnet18", pretrained=False).eval()
+    model = gatedmtl.convert(backbone, T, input_size=SHAPE[1:]).eval()
+    set_gates(model, 0.5, torch.Generator().manual_seed(0))
+    lean = gatedmtl.prune(model).eval()
+    return backbone, model, lean, [profile(m, SHAPE, latency=False) for m in (backbone, model, lean)]
+
+
+def test_totals_equal_count_flops_and_params(resnet):
+    backbone, model, lean, (pb, pg, pl) = resnet
+    assert (pb.kind, pg.kind, pl.kind) == ("backbone", "gated", "lean")
+    for m, p in zip((backbone, model, lean), (pb, pg, pl)):
+        assert p.flops == gatedmtl.count_flops(m, SHAPE)
+        assert p.params == gatedmtl.count_params(m)
+    assert pg.predicted_flops == gatedmtl.predict_flops(model, SHAPE)
+    assert abs(pg.predicted_flops - pl.flops) <= 0.005 * pl.flops
+    assert pg.gate_params == sum(g.alpha.numel() + g.beta.numel() for g in model.gates())
+
+
+def test_per_slot_flops_add_up(resnet):
+    """Property: the lean model's per-slot FLOPs (fvcore's count of each slot's own modules) plus
+    the slot-independent FLOPs equal its total, where the slot-independent part is exactly what
+    the plain backbone spends outside parameterised layers (resnet18: the global average pool),
+    once per slot folded on the batch axis. The gated model predicts the same per-slot FLOPs."""
+    backbone, model, lean, (_, pg, pl) = resnet
+    assert [s.slot for s in pl.slots] == ["shared", *T]
+    assert sum(s.flops for s in pl.slots) + pl.slot_independent_flops == pl.flops
+    pool = flops_by_module(backbone, SHAPE)["global_pool"]
+    assert pool > 0 and pl.slot_independent_flops == len(lean.slots) * pool
+    assert [s.flops for s in pg.slots] == [s.flops for s in pl.slots]
+    assert sum(s.params for s in pl.slots) + pl.slot_independent_params == pl.params
+    # the shared slot computes every channel that some task borrows, each task its open channels
+    for row, gate in zip(pg.layers, model.gates()):
+        open_ = gate.open_mask()
+        assert row.kept == [int((~open_.all(0)).sum())] + [int(o.sum()) for o in open_]
+    assert [(r.name, r.kind, r.norm, r.kept, r.channels) for r in pg.layers] == \
+           [(r.name, r.kind, r.norm, r.kept, r.channels) for r in pl.layers]
+    assert pl.layers[0].name == "conv1" and pl.layers[0].norm == "BatchNorm2d" and pl.layers[-1].kind == "linear"
+
+
+def test_ungated_grouped_convs_are_listed():
+    shape = (1, 3, 32, 32)
+    backbone = timm.create_model("regnetx_002", pretrained=False).eval()
+    model = gatedmtl.convert(backbone, T, input_size=shape[1:]).eval()
+    set_gates(model, 0.5, torch.Generator().manual_seed(0))
+    lean = gatedmtl.prune(model).eval()
+    pg, pl = profile(model, shape, latency=False), profile(lean, shape, latency=False)
+    grouped = {n for n, m in backbone.named_modules() if isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels}
+    assert grouped
+    for p in (pg, pl):
+        listed = {u.name: u for u in p.ungated}
+        assert grouped <= set(listed)
+        assert all("grouped convolution" in listed[n].reason and listed[n].flops_per_slot > 0 for n in grouped)
+        assert "ungated per-slot layers" in p.table() and next(iter(grouped)) in p.table()
+    assert sum(s.flops for s in pl.slots) + pl.slot_independent_flops == pl.flops
+    assert [s.flops for s in pg.slots] == [s.flops for s in pl.slots]
+    assert all(s.computed for s in pl.slots)  # ungated per-slot modules: every slot stays folded
+
+
+def test_table_json_and_compare(resnet, tmp_path):
+    *_, (pb, pg, pl) = resnet
+    text = pl.table()
+    for part in ("FLOPs (fvcore)", "### per slot", "### gated layers", "| shared |", "layer4.1.conv2"):
+        assert part in text
+    assert "FLOPs after prune (predicted)" in pg.table()
+    data = json.loads(pl.to_json(tmp_path / "p.json").read_text())
+    assert data["flops"] == pl.flops and data["slots"][1]["slot"] == "seg" and data["layers"][0]["name"] == "conv1"
+    side = compare([pb, pg, pl])
+    assert side.count("\n") == 5 and "resnet18" in side
+
+
+def test_latency_of_backbone_lean_and_gated():
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
+    model = gatedmtl.convert(backbone, ("a", "b"), input_size=(3, 16, 16)).eval()
+    set_gates(model, 0.5, torch.Generator().manual_seed(0))
+    for m in (backbone, gatedmtl.prune(model), model):
+        p = profile(m, (1, 3, 16, 16), runs=3)
+        lat = p.latency
+        assert lat is not None and 0 < lat.min_ms <= lat.median_ms <= lat.p90_ms and lat.runs == 3
+        assert lat.threads == 1
+    assert lat.of == "prune(model)" and "prune(model)" in p.table()
+
+
+def test_cli(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    rc = main(["resnet18", "--tasks", "a,b", "--density", "0.5", "--input", "1,3,32,32", "--no-latency",
+               "--json", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert set(data) == {"backbone", "gated", "lean"} and data["lean"]["tasks"] == ["a", "b"]
+    assert data["lean"]["flops"] < data["gated"]["flops"]
+    assert "### gated layers" in capsys.readouterr().out
+    assert main(["resnet18", "--density", "2", "--no-latency"]) == 2
+    assert main(["no_such_model_xyz", "--no-latency"]) == 2
