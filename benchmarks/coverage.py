@@ -8,7 +8,6 @@ Writes ``benchmarks/results/coverage.md`` and ``coverage.csv``. Usage::
 from __future__ import annotations
 
 import argparse
-import csv
 import re
 import sys
 import time
@@ -19,6 +18,7 @@ import timm
 import torch
 
 import gatedmtl
+from _report import write_table
 from gatedmtl.verify import verify
 
 PREFERRED = re.compile(r"(atto|femto|pico|nano|tiny|xxs|xs\b|_xs|small|_050|_035|_100|b0|18|_s\b|_t\b|s12|_12)")
@@ -59,8 +59,6 @@ def main() -> int:
     args = parser.parse_args()
     torch.manual_seed(0)
     names = args.models.split(",") if args.models else pick_models(args.families)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, name in enumerate(names):
         start = time.perf_counter()
@@ -90,20 +88,15 @@ def main() -> int:
         print(f"[{i + 1}/{len(names)}] {row}", flush=True)
     cols = ["model", "status", "input", "gates", "convert_err", "prune_err", "flop_err", "closed/backbone",
             "open/backbone", "seconds", "error"]
-    with open(out / "coverage.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, cols)
-        w.writeheader()
-        w.writerows(rows)
     ok = sum(r["status"] == "ok" for r in rows)
-    lines = [f"# Conversion coverage ({ok}/{len(rows)} exact)", "",
-             f"gatedmtl {gatedmtl.__version__}, timm {timm.__version__}, torch {torch.__version__}; T=3 tasks; "
+    notes = (f"gatedmtl {gatedmtl.__version__}, timm {timm.__version__}, torch {torch.__version__}; T=3 tasks; "
              "errors are scale-aware relative (convert: gated vs backbone, limit 1e-5; prune: lean vs gated with "
              "perturbed slots over all-open / all-closed / 50 % gates, limit 1e-4); flop_err: predict_flops vs fvcore "
-             "on the lean model (limit 0.5 %).", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
-    (out / "coverage.md").write_text("\n".join(lines) + "\n")
-    print(f"{ok}/{len(rows)} exact; wrote {out / 'coverage.md'}")
+             "on the lean model (limit 0.5 %). closed/open: fvcore FLOPs of the lean model with every gate closed / "
+             "open, relative to the plain backbone (ungated per-slot layers — grouped convs, norms not fused with a "
+             "conv, attention matmuls — run once per slot).")
+    out = write_table("coverage", f"Conversion coverage ({ok}/{len(rows)} exact)", notes, rows, cols, out=args.out)
+    print(f"{ok}/{len(rows)} exact; wrote {out}")
     return 0
 
 

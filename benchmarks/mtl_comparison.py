@@ -10,7 +10,6 @@ mean angle) against the single-task models; positive is better. Usage::
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import tempfile
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from _report import write_table
 from gatedmtl.cost import count_flops
 from gatedmtl.tasks import delta_mtl, mean_rank
 from gatedmtl.train import TrainConfig, Trainer, evaluate
@@ -76,22 +76,13 @@ def main() -> None:
                      "normals mean°": f"{res['normals']['mean_angle']:.2f}",
                      "ΔMTL % vs STL": f"{delta_mtl(res, stl, hib, primary):+.2f}", "mean rank": f"{ranks[name]:.2f}"})
         print(rows[-1], flush=True)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cols = list(rows[0])
-    with open(out / "mtl_comparison.csv", "w", newline="") as f:
-        wr = csv.DictWriter(f, cols)
-        wr.writeheader()
-        wr.writerows(rows)
-    lines = ["# Single-task vs hard sharing vs gated on the embedded scenes", "",
-             f"{a.model} (features_only, random init), {h}x{w} scenes, batch {a.batch}, "
+    notes = (f"{a.model} (features_only, random init), {h}x{w} scenes, batch {a.batch}, "
              f"{base['epochs'] * base['steps_per_epoch']} steps each, AdamW lr 2e-3 cosine, balance {a.balance}. "
              f"Gated: budget {a.budget} of the full 4-branch encoder, projected and pruned before evaluation "
              f"(requested {report['requested'] / 1e9:.4f} GF, landed {report['landed'] / 1e9:.4f} GF). "
-             "ΔMTL: one metric per task vs the single-task networks, positive = better.", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-    (out / "mtl_comparison.md").write_text("\n".join(lines) + "\n")
+             "ΔMTL: one metric per task vs the single-task networks, positive = better.")
+    md = write_table("mtl_comparison", "Single-task vs hard sharing vs gated on the embedded scenes", notes, rows, out=a.out)
+    out = md.parent
     (out / "mtl_comparison.json").write_text(json.dumps({"results": results, "flops": flops, "budget": report}, indent=2))
 
 

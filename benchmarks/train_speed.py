@@ -8,7 +8,6 @@ Writes ``benchmarks/results/train_speed.md`` and ``.csv``. Usage::
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ import timm
 import torch
 
 import gatedmtl
+from _report import write_table
 from gatedmtl.verify import set_gates
 
 TASKS = ("seg", "depth", "normals")
@@ -63,20 +63,9 @@ def main() -> None:
         rows.append({"model": name, "batch": a.batch, "size": a.size, "plain_step_s": f"{plain:.3f}",
                      "gated_step_s": f"{gated:.3f}", "gated / (T+1) plain": f"{ratio:.2f}"})
         print(rows[-1], flush=True)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cols = list(rows[0])
-    with open(out / "train_speed.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, cols)
-        w.writeheader()
-        w.writerows(rows)
-    lines = ["# Training step: folded gated model vs T+1 plain backbones", "",
-             f"T = {len(TASKS)}, SGD step (forward + backward + update), median of {a.runs} after warm-up, "
-             f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}. Target: ratio ≤ 1.10.", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-    (out / "train_speed.md").write_text("\n".join(lines) + "\n")
-
+    notes = (f"T = {len(TASKS)}, SGD step (forward + backward + update), median of {a.runs} after warm-up, "
+             f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}. Target: ratio ≤ 1.10.")
+    print(write_table("train_speed", "Training step: folded gated model vs T+1 plain backbones", notes, rows, out=a.out))
 
 if __name__ == "__main__":
     main()

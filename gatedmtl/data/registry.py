@@ -3,30 +3,24 @@ from __future__ import annotations
 
 from typing import Any, Callable, TypeVar
 
+from ..registry import Registry
 from .base import MultiTaskDataset
 
 __all__ = ["register_dataset", "create_dataset", "available_datasets"]
 
-_DATASETS: dict[str, type[MultiTaskDataset]] = {}
+_DATASETS: Registry[type[MultiTaskDataset]] = Registry("dataset")
 
 D = TypeVar("D", bound=type[MultiTaskDataset])
 
 
 def register_dataset(name: str) -> Callable[[D], D]:
     """Class decorator adding a :class:`MultiTaskDataset` subclass under ``name``."""
-
-    def wrap(cls: D) -> D:
-        if name in _DATASETS:
-            raise ValueError(f"dataset {name!r} is already registered ({_DATASETS[name].__name__})")
-        _DATASETS[name] = cls
-        return cls
-
-    return wrap
+    return _DATASETS.register(name)
 
 
 def available_datasets() -> list[str]:
     """Sorted names accepted by :func:`create_dataset`."""
-    return sorted(_DATASETS)
+    return _DATASETS.names()
 
 
 def create_dataset(name: str, **kwargs: Any) -> MultiTaskDataset:
@@ -34,6 +28,4 @@ def create_dataset(name: str, **kwargs: Any) -> MultiTaskDataset:
 
     Raises ``ValueError`` listing the known names when ``name`` is unknown.
     """
-    if name not in _DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; available datasets: {', '.join(available_datasets())}")
-    return _DATASETS[name](**kwargs)
+    return _DATASETS.create(name, **kwargs)
