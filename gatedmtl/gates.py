@@ -77,18 +77,94 @@ class ChannelGate(nn.Module):
         return per_task.reshape(shape)
 
     def forward(self, y: Tensor) -> Tensor:
+        """Mix a folded tensor ``y[S*b, ...]`` (slot-major) across slots."""
         s = self.num_slots
         if y.shape[0] % s:
             raise ValueError(f"gate '{self.name}': batch {y.shape[0]} is not a multiple of {s} slots")
-        if y.shape[self.channel_dim] != self.channels:
-            raise ValueError(f"gate '{self.name}': expected {self.channels} channels on dim {self.channel_dim}, got {tuple(y.shape)}")
-        view = y.reshape(s, y.shape[0] // s, *y.shape[1:])
-        psi, phi = view[0], view[1:]
-        m = self._shape(self.mask().to(y.dtype), y.dim() - 1)
-        w = self._shape(self.mixing_weights().to(y.dtype), y.dim() - 1)
-        phi = m * phi + (1 - m) * psi.unsqueeze(0)
-        shared = (w * phi).sum(0, keepdim=True)
-        return torch.cat([shared, phi], dim=0).reshape(y.shape)
+        return self.mix(list(y.chunk(s, dim=0)))
+
+    def mix(self, slots: list[Tensor]) -> Tensor:
+        """Mix the per-slot outputs ``slots[s][b, ...]`` into one folded tensor ``[S*b, ...]``."""
+        if len(slots) != self.num_slots:
+            raise ValueError(f"gate '{self.name}': expected {self.num_slots} slot outputs, got {len(slots)}")
+        if slots[0].shape[self.channel_dim] != self.channels:
+            raise ValueError(f"gate '{self.name}': expected {self.channels} channels on dim {self.channel_dim}, "
+                             f"got {tuple(slots[0].shape)}")
+        return _GateMix.apply(self.alpha, self.beta, self.channel_dim, *slots)
 
     def extra_repr(self) -> str:
         return f"tasks={self.num_tasks}, channels={self.channels}, channel_dim={self.channel_dim}"
+
+
+def _per_channel(v: Tensor, ref: Tensor, channel_dim: int) -> Tensor:
+    """``[C]`` -> a view broadcastable against a per-slot tensor ``ref[b, ...]``."""
+    shape = [1] * ref.dim()
+    shape[channel_dim] = v.shape[0]
+    return v.reshape(shape)
+
+
+def _channel_sum(x: Tensor, channel_dim: int) -> Tensor:
+    """Sum over every axis but the channel axis: ``[b, ...] -> [C]``."""
+    dims = [d for d in range(x.dim()) if d != channel_dim % x.dim()]
+    return x.sum(dims) if dims else x
+
+
+class _GateMix(torch.autograd.Function):
+    """Fused straight-through mixing (one pass per task forward, a few backward).
+
+    Forward: ``phi'_t = where(alpha_t > 0, phi_t, psi)``, ``psi' = sum_t softmax(beta)_t phi'_t``,
+    written straight into the folded output. Backward: the gradients of that formula with the
+    hard gate replaced by ``sigmoid(alpha)`` for ``alpha`` (straight-through), as the
+    unfused ``m * phi + (1 - m) * psi`` would give.
+    """
+
+    @staticmethod
+    def forward(ctx, alpha: Tensor, beta: Tensor, channel_dim: int, *slots: Tensor) -> Tensor:  # noqa: ANN001
+        psi = slots[0]
+        num_tasks = len(slots) - 1
+        out = psi.new_empty((num_tasks + 1) * psi.shape[0], *psi.shape[1:])
+        views = out.view(num_tasks + 1, *psi.shape)
+        hard = alpha > 0
+        w = torch.softmax(beta, dim=0).to(psi.dtype)
+        shared = views[0]
+        shared.zero_()
+        for t in range(num_tasks):
+            torch.where(_per_channel(hard[t], psi, channel_dim), slots[t + 1], psi, out=views[t + 1])
+            shared.addcmul_(views[t + 1], _per_channel(w[t], psi, channel_dim))
+        ctx.channel_dim = channel_dim
+        ctx.save_for_backward(alpha, w, *slots)  # not ``out``: the backbone may modify it in place
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
+        alpha, w, *slots = ctx.saved_tensors
+        cd = ctx.channel_dim
+        psi = slots[0]
+        num_tasks = len(slots) - 1
+        grads = grad.reshape(num_tasks + 1, *psi.shape)
+        g_shared = grads[0]
+        hard = alpha > 0
+        soft = torch.sigmoid(alpha)
+        need_alpha, need_beta = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_alpha = torch.zeros_like(alpha) if need_alpha else None
+        grad_w = torch.zeros_like(w) if need_beta else None
+        grad_slots: list[Tensor | None] = [None] * (num_tasks + 1)
+        grad_psi = torch.zeros_like(psi) if ctx.needs_input_grad[3] else None
+        for t in range(num_tasks):
+            g_t = torch.addcmul(grads[t + 1], g_shared, _per_channel(w[t], psi, cd))  # dL/dphi'_t
+            m_t = _per_channel(hard[t], psi, cd)
+            if ctx.needs_input_grad[4 + t]:
+                grad_slots[t + 1] = torch.where(m_t, g_t, torch.zeros((), dtype=g_t.dtype))
+            if grad_psi is not None:
+                grad_psi += torch.where(m_t, torch.zeros((), dtype=g_t.dtype), g_t)
+            if need_alpha:
+                diff = _channel_sum((slots[t + 1] - psi) * g_t, cd)
+                grad_alpha[t] = (soft[t] * (1 - soft[t])) * diff.to(alpha.dtype)
+            if need_beta:
+                phi_t = torch.where(m_t, slots[t + 1], psi)
+                grad_w[t] = _channel_sum(phi_t * g_shared, cd).to(w.dtype)
+        grad_beta = None
+        if need_beta:
+            grad_beta = (w * (grad_w - (w * grad_w).sum(0, keepdim=True))).to(alpha.dtype)
+        grad_slots[0] = grad_psi
+        return (grad_alpha, grad_beta, None, *grad_slots)

@@ -135,8 +135,12 @@ class SlotModule(nn.Module):
                 raise
             return getattr(slots[0], name)
 
-    def run_slots(self, args: tuple, kwargs: dict, fn: Callable[[int, tuple, dict], Any] | None = None) -> Any:
-        """Split the inputs, run copy ``s`` on chunk ``s`` and merge the results (no gate)."""
+    def run_slots(self, args: tuple, kwargs: dict, fn: Callable[[int, tuple, dict], Any] | None = None,
+                  merge: bool = True) -> Any:
+        """Split the inputs, run copy ``s`` on chunk ``s`` and merge the results (no gate).
+
+        With ``merge=False`` the per-slot outputs are returned as a list.
+        """
         num_slots = self.num_slots
         template = self.slots[0]
         if not args or not isinstance(args[0], Tensor):
@@ -156,13 +160,12 @@ class SlotModule(nn.Module):
             a = tuple(sa[s] for sa in split_args)
             kw = {k: v[s] for k, v in split_kwargs.items()}
             outputs.append(fn(s, a, kw) if fn is not None else self.slots[s](*a, **kw))
-        return _merge(outputs, template)
+        return _merge(outputs, template) if merge else outputs
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.run_slots(args, kwargs)
-        if self.gate is not None:
-            out = self.gate(out)
-        return out
+        if self.gate is None:
+            return self.run_slots(args, kwargs)
+        return self.gate.mix(self.run_slots(args, kwargs, merge=False))
 
     def extra_repr(self) -> str:
         return f"num_slots={self.num_slots}, gated={self.gate is not None}"

@@ -75,3 +75,32 @@ def test_cost_of_a_two_layer_net_by_hand():
     assert gatedmtl.count_flops(gatedmtl.prune(model.eval()), (1, 3, 5, 5)) == expect
     assert expected_flops(model, (3, 5, 5)).item() == pytest.approx(expect)
     assert gatedmtl.flop_bounds(model, (3, 5, 5)) == (4 * 675 + 2 * 100, 2 * (4 * 675 + 2 * 100))
+
+
+@pytest.mark.parametrize("channel_dim,shape", [(1, (2, 3, 4, 5)), (-1, (2, 5, 3)), (-1, (4, 3))])
+def test_fused_mixing_matches_the_unfused_formula_and_its_gradients(channel_dim, shape):
+    torch.manual_seed(0)
+    c = shape[channel_dim]
+    gate = ChannelGate(num_tasks=3, channels=c, channel_dim=channel_dim).double()
+    with torch.no_grad():
+        gate.alpha.copy_(torch.randn(3, c))
+        gate.beta.copy_(torch.randn(3, c))
+    slots = [torch.randn(shape, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    weights = torch.randn(4 * shape[0], *shape[1:], dtype=torch.float64)
+
+    def reference():
+        y = torch.cat(slots, 0).reshape(4, *shape)
+        bshape = [3] + [1] * len(shape)
+        bshape[1 + channel_dim % len(shape)] = c
+        m = straight_through(gate.alpha).reshape(bshape)
+        w = torch.softmax(gate.beta, 0).reshape(bshape)
+        phi = m * y[1:] + (1 - m) * y[0:1]
+        return torch.cat([(w * phi).sum(0, keepdim=True), phi], 0).reshape(4 * shape[0], *shape[1:])
+
+    ref = reference()
+    ref_grads = torch.autograd.grad((ref * weights).sum(), [gate.alpha, gate.beta, *slots])
+    out = gate.mix(slots)
+    grads = torch.autograd.grad((out * weights).sum(), [gate.alpha, gate.beta, *slots])
+    assert torch.allclose(out, ref)
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-10)
