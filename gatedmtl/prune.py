@@ -3,8 +3,16 @@
 Per gated layer and slot, only the filters that slot really computes are kept (torch-pruning's
 single-layer functions do the cut; no dependency graph, since the full width is restored):
 a task keeps its open channels, the shared slot keeps the channels that some task borrows.
-The full width is rebuilt per task by one concat + index, and the shared slot's next input is
+The full width is rebuilt per task by one gather from one concat of the layer's branch outputs
+(nothing at all where a task keeps every channel or none), and the shared slot's next input is
 the same convex mix of task features as in the gated model.
+
+The lean graph is laid out for ONNX Runtime: per layer one Reshape + Gathers to split the
+slots, the branch convs (conv+BN pairs stay adjacent, so they fold), one Concat, one Gather per
+mixed task, a Mul/Add chain for the shared mix (skipped where the shared slot is dead or every
+task borrows every channel) and one Concat over the slots. Slots that are provably not needed
+are not folded at all (see :func:`computed_slots`): with every gate closed the lean model *is*
+the plain backbone.
 """
 
 from __future__ import annotations
@@ -58,12 +66,23 @@ def prune_out_channels(module: nn.Module, keep: Tensor) -> nn.Module:
     return module
 
 
-def _slot_view(x: Tensor, num_slots: int) -> Tensor:
-    """``[S*b, ...] -> [S, b, ...]``; the per-sample dims become constants (one ONNX Reshape)."""
+def _static_dims(x: Tensor) -> tuple[int, ...]:
+    """The per-sample dims of ``x`` as Python ints (constants in a traced graph; batch stays dynamic)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        dims = tuple(int(d) for d in x.shape[1:])
-    return x.reshape((num_slots, -1) + dims)
+        return tuple(int(d) for d in x.shape[1:])
+
+
+def _slot_view(x: Tensor, num_slots: int) -> Tensor:
+    """``[S*b, ...] -> [S, b, ...]``; the per-sample dims become constants (one ONNX Reshape)."""
+    return x.reshape((num_slots, -1) + _static_dims(x))
+
+
+def _slot_chunks(x: Tensor, num_slots: int, wanted: Sequence[int]) -> dict[int, Tensor]:
+    """Chunks ``wanted`` of ``x[S*b, ...]`` along the batch axis: one Reshape to ``[S, b, ...]``
+    (no copy) and one Gather per chunk in ONNX (ONNX Runtime fuses them into one Split)."""
+    view = _slot_view(x, num_slots)
+    return {i: view[i] for i in wanted}
 
 
 class LeanGatedLayer(nn.Module):
@@ -149,11 +168,12 @@ class LeanGatedLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if len(self.slots) == 1:  # one slot computed: its branch has every channel
             return self._branch(self.slots[0], x)
-        chunks = _slot_view(x, len(self.slots))
+        computed = [i for i, s in enumerate(self.slots) if self.present[s]]
+        chunks = _slot_chunks(x, len(self.slots), computed)
         outs: list[Tensor | None] = [None] * self.num_slots
-        for i, s in enumerate(self.slots):
-            if self.present[s]:
-                outs[s] = self._branch(s, chunks[i])
+        for i in computed:
+            s = self.slots[i]
+            outs[s] = self._branch(s, chunks[i])
         shared = outs[0]
         dim = self.channel_dim
         pool = torch.cat([outs[s] for s in self.pool_slots], dim=dim) if self.pool_slots else None

@@ -22,7 +22,10 @@ ort = pytest.importorskip("onnxruntime")
 T = ("seg", "depth", "normals")
 SIZE = (3, 64, 64)
 # ops through which gates would show up in a graph: STE sigmoid, alpha > 0, softmax of beta
-GATE_OPS = ("Sigmoid", "Greater", "Softmax", "Exp", "Less", "Where")
+GATE_OPS = {"Sigmoid", "Greater", "Softmax", "Exp", "Less", "Where", "Cast"}
+# what the lean layers add to a backbone's graph: slot split, branch restore, shared mix, slot concat
+LEAN_OPS = {"Reshape", "Gather", "Split", "Squeeze", "Unsqueeze", "Slice", "Concat", "Mul", "Add", "Identity",
+            "Constant", "Shape"}
 
 MODELS = [
     pytest.param("resnet18", lambda: timm.create_model("resnet18", pretrained=False), id="resnet18"),
@@ -83,9 +86,8 @@ def test_lean_onnx_parity_dynamic_batch_no_gates(name, build, gen, tmp_path):
     lean = gatedmtl.prune(model).eval()
     assert lean.slots == (0, 1, 2, 3)
 
-    report = export_onnx(lean, tmp_path / "lean.onnx", (1, *SIZE))
-    assert max(report.max_rel_error.values()) <= 1e-4
-    session = _session(report.path)
+    path = export_onnx(lean, tmp_path / "lean.onnx", (1, *SIZE), check=False).path
+    session = _session(path)
     rng = np.random.default_rng(1)
     for batch in (1, 4):  # one file, two batch sizes
         x = rng.standard_normal((batch, *SIZE)).astype(np.float32)
@@ -95,16 +97,24 @@ def test_lean_onnx_parity_dynamic_batch_no_gates(name, build, gen, tmp_path):
         assert _worst(got, _torch_tasks(model, x)) <= 1e-4, f"ORT vs gated torch, batch {batch}"
 
     plain = export_onnx(_Plain(backbone), tmp_path / "plain.onnx", (1, *SIZE), check=False)
-    lean_ops, plain_ops = _ops(report.path), _ops(plain.path)
-    for op in GATE_OPS:  # activations run once on the folded batch: same count as the backbone
-        assert lean_ops[op] == plain_ops[op], (op, lean_ops[op], plain_ops[op])
-    assert not any("alpha" in i.name or "beta" in i.name for i in onnx.load(str(report.path)).graph.initializer)
+    lean_ops, plain_ops = _ops(path), _ops(plain.path)
+    assert set(lean_ops) <= set(plain_ops) | LEAN_OPS, set(lean_ops) - set(plain_ops)
+    graph = onnx.load(str(path)).graph
+    assert not any("alpha" in i.name or "beta" in i.name for i in graph.initializer)
+    # gate logic reads only gate logits: any Sigmoid/Greater/Softmax/... in the lean graph must
+    # compute on image data (an activation of the backbone), never on constants alone
+    live = {i.name for i in graph.input}
+    for node in graph.node:
+        if any(i in live for i in node.input):
+            live.update(node.output)
+        elif node.op_type in GATE_OPS:
+            raise AssertionError(f"{node.op_type} node {node.name} computes on constants only: gate logic?")
 
 
 def test_flops_shrink_as_gates_close(gen):
     model = gatedmtl.convert(timm.create_model("resnet18", pretrained=False), T, input_size=SIZE).eval()
     flops = []
-    for density in (1.0, 0.75, 0.5, 0.25, 0.0):
+    for density in (1.0, 0.6, 0.3, 0.0):
         set_gates(model, density, torch.Generator().manual_seed(3))
         lean = gatedmtl.prune(model)
         flops.append(gatedmtl.count_flops(lean, (1, *SIZE)))
@@ -115,21 +125,21 @@ def test_flops_shrink_as_gates_close(gen):
     assert abs(flops[0] - len(T) * backbone) <= 1e-4 * flops[0]  # all open: T task branches
 
 
-@pytest.mark.parametrize("pattern,slots", [("closed", (0,)), ("open", (1, 2, 3))])
-def test_folded_slot_shortcuts_export_exactly(pattern, slots, gen, tmp_path):
+def test_folded_slot_shortcuts_export_exactly(gen, tmp_path):
     """All gates closed: the lean graph is the plain backbone; all open: no shared slot."""
     backbone = timm.create_model("resnet18", pretrained=False).eval()
+    convs = sum(isinstance(m, nn.Conv2d) for m in backbone.modules())
     model = gatedmtl.convert(backbone, T, input_size=SIZE).eval()
     perturb_slots(model, generator=gen)
-    set_gates(model, pattern, gen)
-    lean = gatedmtl.prune(model).eval()
-    assert lean.slots == slots == computed_slots(model)
-    x = np.random.default_rng(2).standard_normal((4, *SIZE)).astype(np.float32)
-    report = export_onnx(lean, tmp_path / "lean.onnx", (1, *SIZE))
-    got = _ort_tasks(_session(report.path), x, T)
-    assert _worst(got, _torch_tasks(model, x)) <= 1e-4
-    plain = export_onnx(_Plain(backbone), tmp_path / "plain.onnx", (1, *SIZE), check=False)
-    lean_ops, plain_ops = _ops(report.path), _ops(plain.path)
-    assert lean_ops["Conv"] == len(slots) * plain_ops["Conv"]
-    if pattern == "closed":
-        assert lean_ops["Concat"] == lean_ops["Gather"] == lean_ops["Mul"] == 0
+    x = np.random.default_rng(2).standard_normal((3, *SIZE)).astype(np.float32)
+    for pattern, slots in (("closed", (0,)), ("open", (1, 2, 3))):
+        set_gates(model, pattern, gen)
+        lean = gatedmtl.prune(model).eval()
+        assert lean.slots == slots == computed_slots(model)
+        path = export_onnx(lean, tmp_path / f"{pattern}.onnx", (1, *SIZE), check=False).path
+        got = _ort_tasks(_session(path), x, T)
+        assert _worst(got, _torch_tasks(model, x)) <= 1e-4, pattern
+        ops = _ops(path)
+        assert ops["Conv"] == len(slots) * convs, pattern
+        if pattern == "closed":
+            assert ops["Concat"] == ops["Gather"] == ops["Mul"] == 0
