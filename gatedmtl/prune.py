@@ -26,10 +26,10 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from .slots import SlotModule
+from .slots import SlotModule, _batch_dim_in
 from .surgery import GatedModel, _parents
 
-__all__ = ["prune", "LeanModel", "LeanGatedLayer", "prune_out_channels", "computed_slots"]
+__all__ = ["prune", "LeanModel", "LeanGatedLayer", "LeanSlotModule", "prune_out_channels", "computed_slots"]
 
 
 def prune_out_channels(module: nn.Module, keep: Tensor) -> nn.Module:
@@ -204,6 +204,30 @@ class LeanGatedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kept={self.kept}/{self.channels}, sources={self.sources}, mix={self.mix!r}, slots={self.slots}"
+
+
+class LeanSlotModule(SlotModule):
+    """An ungated per-slot module of a lean model (grouped conv, norm not fused with a conv, ...).
+
+    Same weights and FLOPs as :class:`~gatedmtl.slots.SlotModule`; a single batch-first tensor
+    input is split with :func:`_slot_chunks` (one Reshape + Gathers in ONNX instead of shape
+    arithmetic and Slices per slot). Anything else takes the generic path.
+    """
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        x = args[0] if len(args) == 1 and not kwargs else None
+        if not isinstance(x, Tensor) or x.dim() < 2 or _batch_dim_in(self.slots[0], 0) != 0:
+            return super().forward(*args, **kwargs)
+        num_slots = self.num_slots
+        if not torch.jit.is_tracing() and x.shape[0] % num_slots:
+            return super().forward(*args, **kwargs)  # raises its explanatory error
+        chunks = _slot_chunks(x, num_slots, range(num_slots))
+        outs = [self.slots[s](chunks[s]) for s in range(num_slots)]
+        if all(isinstance(o, Tensor) for o in outs):
+            return torch.cat(outs, 0)
+        from .slots import _merge
+
+        return _merge(outs, self.slots[0])
 
 
 class LeanModel(nn.Module):
@@ -388,6 +412,9 @@ def prune(model: GatedModel) -> LeanModel:
     slots = computed_slots(model)
     for layer in layers:
         layer.slots = slots
+    for module in backbone.modules():
+        if type(module) is SlotModule:  # ungated: the same module with a leaner ONNX split
+            module.__class__ = LeanSlotModule
     lean_model = LeanModel(backbone, model.tasks, model.input_size, slots)
     lean_model.train(model.training)
     if 0 in slots:

@@ -67,7 +67,7 @@ class DBMTL(GradientStrategy):
         self._step += 1
         factor = self.beta / self._step**self.beta_sigma
         # a new tensor each step (never in place), so state_dict() can hand out the buffer itself
-        buf = jacobian + factor * (buf - jacobian)
+        buf = torch.lerp(jacobian, buf, factor)  # = jacobian + factor * (buf - jacobian), one pass
         self._buffer = buf
         norms = buf.norm(dim=1)
         alpha = norms.max() / (norms + LOG_EPS)
