@@ -446,13 +446,16 @@ def compare(profiles: Sequence[Profile]) -> str:
 
 
 def _shape(text: str) -> tuple[int, ...]:
+    """``B,C,H,W``; ``C,H,W`` and ``HxW`` (3 channels) get batch 1."""
     try:
         shape = tuple(int(v) for v in text.replace("x", ",").split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected B,C,H,W such as 1,3,224,224, got {text!r}") from None
-    if len(shape) == 3:
+    if len(shape) == 2:
+        shape = (1, 3, *shape)
+    elif len(shape) == 3:
         shape = (1, *shape)
-    if len(shape) < 2 or any(v <= 0 for v in shape):
+    if len(shape) != 4 or any(v <= 0 for v in shape):
         raise argparse.ArgumentTypeError(f"expected positive B,C,H,W such as 1,3,224,224, got {text!r}")
     return shape
 
@@ -467,7 +470,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--density", type=float, default=0.5,
                    help="fraction of channels each task opens, at random (0 = all closed, 1 = all open)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random gates")
-    p.add_argument("--input", type=_shape, default=None, help="B,C,H,W (default: 1 + timm's input size)")
+    p.add_argument("--input", type=_shape, default=None,
+                   help="B,C,H,W, C,H,W or HxW (default: batch 1 at timm's input size)")
     p.add_argument("--features-only", action="store_true", help="build the timm model with features_only=True")
     p.add_argument("--json", default=None, help="write the three profiles to this JSON file")
     p.add_argument("--no-latency", action="store_true", help="skip the ONNX export and ORT timing")

@@ -78,9 +78,36 @@ def _slot_view(x: Tensor, num_slots: int) -> Tensor:
     return x.reshape((num_slots, -1) + _static_dims(x))
 
 
+class _SplitSlots(torch.autograd.Function):
+    """``x[S*b, ...]`` -> its ``S`` batch chunks; exported as ONE ONNX ``Split``.
+
+    Used only while exporting: per-chunk Gathers (or Slices) become Split + Squeeze in ONNX
+    Runtime, and that Squeeze copies every chunk a second time.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, num_slots: int) -> tuple[Tensor, ...]:  # noqa: ANN001
+        return tuple(c.clone() for c in x.chunk(num_slots, 0))
+
+    @staticmethod
+    def symbolic(g, x, num_slots: int):  # noqa: ANN001, ANN205
+        if g.opset >= 18:  # equal split of the (dynamic) batch axis
+            return g.op("Split", x, axis_i=0, num_outputs_i=num_slots, outputs=num_slots)
+        batch = g.op("Gather", g.op("Shape", x), g.op("Constant", value_t=torch.tensor([0])), axis_i=0)
+        size = g.op("Div", batch, g.op("Constant", value_t=torch.tensor([num_slots])))
+        sizes = g.op("Tile", size, g.op("Constant", value_t=torch.tensor([num_slots])))
+        return g.op("Split", x, sizes, axis_i=0, outputs=num_slots)
+
+
 def _slot_chunks(x: Tensor, num_slots: int, wanted: Sequence[int]) -> dict[int, Tensor]:
-    """Chunks ``wanted`` of ``x[S*b, ...]`` along the batch axis: one Reshape to ``[S, b, ...]``
-    (no copy) and one Gather per chunk in ONNX (ONNX Runtime fuses them into one Split)."""
+    """Chunks ``wanted`` of ``x[S*b, ...]`` along the batch axis.
+
+    In ONNX: one Split of the batch axis when several chunks are wanted (see
+    :class:`_SplitSlots`), a Reshape to ``[S, b, ...]`` (no copy) + one Gather for one chunk.
+    """
+    if len(wanted) > 1 and torch.onnx.is_in_onnx_export() and x.dim() >= 1:
+        chunks = _SplitSlots.apply(x, num_slots)
+        return {i: chunks[i] for i in wanted}
     view = _slot_view(x, num_slots)
     return {i: view[i] for i in wanted}
 
@@ -100,6 +127,9 @@ class LeanGatedLayer(nn.Module):
     branch's output when every task is closed everywhere (``mix="shared"``: the weights sum to
     one), or, when no later layer reads the shared slot (``mix="dead"``, set by :func:`prune`),
     a copy of the first task's output that nothing uses.
+
+    ``slots`` are the slots folded on the batch axis (:attr:`LeanModel.slots`); with a single
+    one, ``forward`` is that slot's branch alone.
     """
 
     def __init__(self, branches: Sequence[nn.Module | None], in_index: Sequence[Tensor | None],
@@ -238,6 +268,11 @@ class LeanModel(nn.Module):
     needed (see :func:`computed_slots`): ``(0,)`` when every gate is closed (every task equals
     the shared branch, the model is the plain backbone), ``(1, ..., T)`` when every gate is
     open (no task reads the shared branch).
+
+    In the second case the task slots never meet, and ``task_networks`` holds one plain network
+    per task (each gated layer replaced by that task's branch, every other tensor shared with
+    ``backbone``) that the forward pass runs one after the other instead of folding them: the
+    same FLOPs and weights, without per-layer slot splits and concats in the exported graph.
     """
 
     def __init__(self, backbone: nn.Module, tasks: Sequence[str], input_size: tuple[int, ...],
@@ -247,10 +282,21 @@ class LeanModel(nn.Module):
         self.tasks = tuple(tasks)
         self.input_size = tuple(input_size)
         self.slots = tuple(slots) if slots is not None else tuple(range(len(self.tasks) + 1))
+        self.task_networks: nn.ModuleList | None = None
 
     @property
     def num_slots(self) -> int:
         return len(self.tasks) + 1
+
+    def set_task_networks(self, networks: nn.ModuleList) -> None:
+        """Run ``networks`` (one per task, tensors shared with ``backbone``) instead of the folded backbone.
+
+        They hold no tensor of their own, so they are left out of ``state_dict()`` (safetensors
+        refuses shared tensors) and loading ``backbone``'s entries fills them too.
+        """
+        self.task_networks = networks
+        self.register_state_dict_post_hook(_drop_task_network_keys)
+        self.register_load_state_dict_post_hook(_ignore_task_network_keys)
 
     def lean_layers(self) -> list[tuple[str, LeanGatedLayer]]:
         """``(name, layer)`` of every pruned gated layer, in module order."""
@@ -263,6 +309,8 @@ class LeanModel(nn.Module):
                              f"with {len(self.input_size) + 1} dims")
         k = len(self.slots)
         try:
+            if self.task_networks is not None:
+                return {t: net(x) for t, net in zip(self.tasks, self.task_networks)}
             out = self.backbone(torch.cat([x] * k, 0) if k > 1 else x)
         except (RuntimeError, AssertionError) as e:
             if tuple(x.shape[1:]) == tuple(self.input_size):
@@ -270,9 +318,29 @@ class LeanModel(nn.Module):
             raise ValueError(
                 f"the backbone rejected an input of shape {tuple(x.shape)} (it was built for {self.input_size}): {e}"
             ) from e
-        if k == 1:
-            return {t: out for t in self.tasks}
+        if k == 1:  # every task reads the one folded slot; containers are copied, tensors shared
+            return {t: _copy_containers(out) for t in self.tasks}
         return {t: _unfold(out, self.slots.index(i + 1), k) for i, t in enumerate(self.tasks)}
+
+
+def _drop_task_network_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + "task_networks.")]:
+        del state_dict[key]
+
+
+def _ignore_task_network_keys(module: nn.Module, incompatible_keys: Any) -> None:
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if not k.split(".").count("task_networks")]
+
+
+def _copy_containers(output: Any) -> Any:
+    if isinstance(output, list):
+        return [_copy_containers(o) for o in output]
+    if isinstance(output, tuple):
+        return tuple(_copy_containers(o) for o in output)
+    if isinstance(output, dict):
+        return {k: _copy_containers(v) for k, v in output.items()}
+    return output
 
 
 def _unfold(output: Any, slot: int, num_slots: int) -> Any:
@@ -366,6 +434,21 @@ def computed_slots(model: GatedModel) -> tuple[int, ...]:
     return everything
 
 
+def _task_networks(backbone: nn.Module, layers: Sequence[LeanGatedLayer], num_tasks: int) -> nn.ModuleList:
+    """One plain copy of ``backbone`` per task with every lean layer replaced by that task's branch.
+
+    Every parameter and buffer outside the lean layers (and every branch) is shared with
+    ``backbone``, not copied.
+    """
+    shared = {id(t): t for t in list(backbone.parameters()) + list(backbone.buffers())}
+    nets = []
+    for t in range(num_tasks):
+        memo = dict(shared)
+        memo.update({id(layer): layer.branches[t + 1] for layer in layers})
+        nets.append(copy.deepcopy(backbone, memo))
+    return nn.ModuleList(nets)
+
+
 @torch.no_grad()
 def prune(model: GatedModel) -> LeanModel:
     """Build the lean model of ``model`` from its current gates (see module docstring).
@@ -416,6 +499,8 @@ def prune(model: GatedModel) -> LeanModel:
         if type(module) is SlotModule:  # ungated: the same module with a leaner ONNX split
             module.__class__ = LeanSlotModule
     lean_model = LeanModel(backbone, model.tasks, model.input_size, slots)
+    if len(slots) > 1 and 0 not in slots:  # every gate open: the task networks never meet
+        lean_model.set_task_networks(_task_networks(backbone, layers, num_tasks))
     lean_model.train(model.training)
     if 0 in slots:
         _mark_dead_shared(lean_model, layers)

@@ -7,6 +7,7 @@ import collections
 
 import numpy as np
 import pytest
+from safetensors.torch import load_file, save_file
 import timm
 import torch
 from torch import nn
@@ -143,3 +144,11 @@ def test_folded_slot_shortcuts_export_exactly(gen, tmp_path):
         assert ops["Conv"] == len(slots) * convs, pattern
         if pattern == "closed":
             assert ops["Concat"] == ops["Gather"] == ops["Mul"] == 0
+        # lean checkpoints are safetensors state dicts: no shared tensors, and a fresh prune loads them
+        save_file(lean.state_dict(), str(tmp_path / f"{pattern}.safetensors"))
+        again = gatedmtl.prune(model).eval()
+        with torch.no_grad():
+            for p in again.parameters():
+                p.add_(1.0)
+        again.load_state_dict(load_file(str(tmp_path / f"{pattern}.safetensors")), strict=True)
+        assert _worst(_ort_tasks(_session(path), x, T), _torch_tasks(again, x)) <= 1e-4, pattern
