@@ -15,7 +15,11 @@ shuffled order and runs it 5 times in a row, keeping the last 4 (warm caches, as
 runs alone), so that load from other processes hits all models alike; the median of ``--runs``
 timings is reported (p90 and min too, and the thread CPU time as a load-insensitive check).
 
-Writes ``latency.md``, ``latency.csv`` and ``latency.png`` under ``--out``. Usage::
+Writes ``latency.md``, ``latency.csv`` and ``latency.png`` under ``--out``; ``latency_group<N>.*``
+with ``--gate-group N`` (lean widths in multiples of N) and ``latency[...]_<level>.*`` with
+``--opt-level extended|basic`` (without ORT's NCHWc layout transform, which speeds up the plain
+backbone much more than the lean graph, whose slot splits and channel gathers break NCHWc
+chains). Usage::
 
     python benchmarks/latency.py [--models resnet18,hrnet_w18_small_v2,mobilenetv3_large_100]
         [--size 224] [--hrnet-size 224x224] [--densities closed,0.25,0.5,0.75,open] [--runs 20]
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import platform
 import random
@@ -65,6 +70,7 @@ class Row:
     cpu_ratio: float
     per_flop: float
     parity: float
+    ops_ms: dict[str, float]  # ORT kernel time per op group (profiled runs, median-free mean)
 
 
 class _Plain(nn.Module):
@@ -76,8 +82,14 @@ class _Plain(nn.Module):
         return {"out": self.backbone(x)}
 
 
-def _session(path: Path, threads: int) -> ort.InferenceSession:
+OPT_LEVELS = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}
+
+
+def _session(path: Path, threads: int, level: str = "all") -> ort.InferenceSession:
     opts = ort.SessionOptions()
+    opts.graph_optimization_level = OPT_LEVELS[level]
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -115,6 +127,36 @@ def _time(sessions: dict[str, ort.InferenceSession], shape: tuple[int, ...], run
     return {k: (np.asarray(wall[k][:runs]) * 1e3, np.asarray(cpu[k][:runs]) * 1e3) for k in sessions}
 
 
+OP_GROUPS = {"Conv": "conv", "FusedConv": "conv", "ReorderInput": "NCHWc reorder", "ReorderOutput": "NCHWc reorder",
+             "Split": "slot split / concat", "Concat": "slot split / concat", "Slice": "slot split / concat",
+             "Gather": "channel gather", "Mul": "mul / add", "Add": "mul / add", "Sum": "mul / add"}
+GROUP_NAMES = ("conv", "NCHWc reorder", "slot split / concat", "channel gather", "mul / add", "other")
+
+
+def _op_breakdown(path: Path, threads: int, level: str, x: np.ndarray, runs: int = 10) -> dict[str, float]:
+    """Mean ORT kernel time (ms per run) per op group, from ONNX Runtime's own profiler."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = OPT_LEVELS[level]
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(path.with_suffix(""))
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    for _ in range(3):
+        session.run(None, {"image": x})
+    session.end_profiling()  # drop the warm-up runs
+    opts.enable_profiling = True
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        session.run(None, {"image": x})
+    events = json.loads(Path(session.end_profiling()).read_text())
+    totals = dict.fromkeys(GROUP_NAMES, 0.0)
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            totals[OP_GROUPS.get(e["args"]["op_name"], "other")] += e["dur"] / 1e3 / runs
+    return totals
+
+
 def _build(name: str) -> nn.Module:
     kwargs = {"features_only": True} if name.startswith("hrnet") else {}
     return timm.create_model(name, pretrained=False, **kwargs).eval()
@@ -125,10 +167,11 @@ def _density(text: str) -> str | float:
 
 
 def bench_model(name: str, size: tuple[int, int], tasks: tuple[str, ...], densities: list[str], runs: int,
-                warmup: int, threads: int, seed: int, tmp: Path, log) -> list[Row]:
+                warmup: int, threads: int, seed: int, tmp: Path, log, level: str = "all",
+                gate_group: int = 1) -> list[Row]:
     shape = (1, 3, *size)
     backbone = _build(name)
-    model = gatedmtl.convert(backbone, tasks, input_size=shape[1:]).eval()
+    model = gatedmtl.convert(backbone, tasks, input_size=shape[1:], gate_group=gate_group).eval()
     gen = torch.Generator().manual_seed(seed)
     perturb_slots(model, generator=gen)
     files: dict[str, Path] = {"plain": export_onnx(_Plain(backbone), tmp / f"{name}-plain.onnx", shape, check=False).path}
@@ -146,7 +189,9 @@ def bench_model(name: str, size: tuple[int, int], tasks: tuple[str, ...], densit
         slots[d] = "+".join(names[s] for s in lean.slots)
         log(f"  {name} density {d}: {flops[d] / 1e9:.3f} GFLOPs, slots {slots[d]}, ORT parity {parity[d]:.1e} "
             f"({time.perf_counter() - t0:.0f} s)")
-    times = _time({k: _session(p, threads) for k, p in files.items()}, shape, runs, warmup, seed)
+    times = _time({k: _session(p, threads, level) for k, p in files.items()}, shape, runs, warmup, seed)
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    ops = {k: _op_breakdown(p, threads, level, x) for k, p in files.items()}
     base_wall, base_cpu = float(np.median(times["plain"][0])), float(np.median(times["plain"][1]))
     rows = []
     for k in ["plain", *densities]:
@@ -156,21 +201,25 @@ def bench_model(name: str, size: tuple[int, int], tasks: tuple[str, ...], densit
         rows.append(Row(name, "x".join(map(str, shape)), "backbone" if k == "plain" else k, slots[k], flops[k],
                         round(fr, 4), round(float(np.median(wall)), 3), round(float(np.percentile(wall, 90)), 3),
                         round(float(wall.min()), 3), round(float(np.median(cpu)), 3), round(lr, 4),
-                        round(float(np.median(cpu)) / base_cpu, 4), round(lr / fr, 4), parity[k]))
+                        round(float(np.median(cpu)) / base_cpu, 4), round(lr / fr, 4), parity[k],
+                        {g: round(v, 3) for g, v in ops[k].items()}))
     return rows
 
 
-def write_results(rows: list[Row], out: Path, meta: dict[str, str]) -> None:
+def write_results(rows: list[Row], out: Path, meta: dict[str, str], stem: str = "latency") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "latency.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+    with open(out / f"{stem}.csv", "w", newline="") as f:
+        fields = [k for k in asdict(rows[0]) if k != "ops_ms"] + [f"{g} ms" for g in GROUP_NAMES]
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
-        w.writerows(asdict(r) for r in rows)
+        for r in rows:
+            row = {k: v for k, v in asdict(r).items() if k != "ops_ms"}
+            w.writerow(row | {f"{g} ms": r.ops_ms[g] for g in GROUP_NAMES})
 
     lines = ["# Lean-graph latency vs FLOPs (ONNX Runtime, CPU)", "",
              "Ratios are normalised to the **plain backbone** (its fvcore FLOPs and its median latency); "
              f"targets: latency ratio <= {TARGET_PER_FLOP} x FLOP ratio, all-closed lean <= {TARGET_CLOSED} x backbone.",
-             "Gates are random per channel (fixed seed) at each density; `slots` are the slots the lean model folds on "
+             "Gates are random (fixed seed) at each density, one per channel or per group of channels (see below); `slots` are the slots the lean model folds on "
              "the batch axis (all closed: the plain backbone; all open: no shared slot).", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items()]
     lines += ["", "| model | input | density | slots | GFLOPs | FLOP ratio | median ms | p90 ms | latency ratio | "
@@ -193,7 +242,20 @@ def write_results(rows: list[Row], out: Path, meta: dict[str, str]) -> None:
               f"{sum(r.per_flop <= TARGET_PER_FLOP for r in lean)} of {len(lean)} lean models meet <= {TARGET_PER_FLOP}."]
     if closed:
         lines.append("All closed / backbone latency: " + ", ".join(f"{r.model} {r.latency_ratio:.2f}" for r in closed) + ".")
-    (out / "latency.md").write_text("\n".join(lines) + "\n")
+    lines += ["", "## Where the time goes", "",
+              "ONNX Runtime's profiler, kernel time per op group in ms per run (10 profiled runs after 3 warm-up runs; "
+              "the profiler adds a little overhead, so the sums exceed the medians above). `slot split / concat`: the "
+              "folded batch split per layer and put back together; `channel gather`: a task's width restored from its "
+              "own and the shared channels; `mul / add`: the shared slot's mix (and the backbone's own Mul/Add); "
+              "`NCHWc reorder`: layout changes that ORT inserts around convs whose neighbours cannot stay in its "
+              "blocked layout.", "",
+              "| model | density | " + " | ".join(GROUP_NAMES) + " | total |",
+              "|---|---|" + "---:|" * (len(GROUP_NAMES) + 1)]
+    for r in rows:
+        total = sum(r.ops_ms.values())
+        cells = " | ".join(f"{r.ops_ms[g]:.2f} ({100 * r.ops_ms[g] / total:.0f} %)" for g in GROUP_NAMES)
+        lines.append(f"| {r.model} | {r.density} | {cells} | {total:.2f} |")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
 
@@ -221,7 +283,7 @@ def write_results(rows: list[Row], out: Path, meta: dict[str, str]) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(out / "latency.png", dpi=120)
+    fig.savefig(out / f"{stem}.png", dpi=120)
     plt.close(fig)
 
 
@@ -236,8 +298,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="ORT intra-op threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--opt-level", choices=sorted(OPT_LEVELS), default="all",
+                   help="ORT graph optimisation level ('all' includes the NCHWc layout transform)")
+    p.add_argument("--gate-group", type=int, default=1, help="channels per gate (gatedmtl.convert's gate_group)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
+    stem = "latency" + (f"_group{args.gate_group}" if args.gate_group != 1 else "")
+    stem += f"_{args.opt_level}" if args.opt_level != "all" else ""
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
     tasks = tuple(f"task{i}" for i in range(args.tasks))
@@ -256,20 +323,21 @@ def main(argv: list[str] | None = None) -> int:
         for name in [m.strip() for m in args.models.split(",") if m.strip()]:
             log(f"{name}: converting, pruning and exporting at {len(densities)} densities")
             rows += bench_model(name, hr_size if name.startswith("hrnet") else size, tasks, densities, args.runs,
-                                args.warmup, args.threads, args.seed, Path(tmp), log)
+                                args.warmup, args.threads, args.seed, Path(tmp), log, args.opt_level, args.gate_group)
             for r in rows[-len(densities) - 1:]:
                 log(f"  {r.density:>8}: FLOPs x{r.flop_ratio:.2f}  latency {r.median_ms:.2f} ms x{r.latency_ratio:.2f}"
                     f"  per FLOP {r.per_flop:.2f}")
-    meta = {"tasks": f"T = {args.tasks}", "ONNX Runtime": f"{ort.__version__}, CPUExecutionProvider, "
-            f"{args.threads} intra-op thread(s), sequential, default graph optimisations",
+    meta = {"tasks": f"T = {args.tasks}", "gates": f"one per {args.gate_group} channel(s), random per gate",
+            "ONNX Runtime": f"{ort.__version__}, CPUExecutionProvider, "
+            f"{args.threads} intra-op thread(s), sequential, graph optimisation level {args.opt_level!r}",
             "timing": f"{args.warmup} warm-up runs, then {args.runs} timed runs per model in interleaved blocks "
                       "of 4 warm runs, median",
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
                        f"load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end",
             "torch / timm": f"{torch.__version__} / {timm.__version__}",
             "wall time of this script": f"{time.perf_counter() - start:.0f} s"}
-    write_results(rows, Path(args.out), meta)
-    log(f"wrote {Path(args.out) / 'latency.md'}, latency.csv, latency.png")
+    write_results(rows, Path(args.out), meta, stem)
+    log(f"wrote {Path(args.out) / stem}.md, .csv, .png")
     return 0
 
 

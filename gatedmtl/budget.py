@@ -96,7 +96,7 @@ def task_targets_loss(model: GatedModel, targets: Mapping[str, float], input_siz
 @torch.no_grad()
 def project_to_budget(model: GatedModel, budget_flops: float, input_size: Sequence[int] | None = None) -> int:
     """Close the lowest-logit open gates (or open the highest-logit closed ones) until the predicted
-    lean FLOPs are at most ``budget_flops`` and as close to it as one filter allows.
+    lean FLOPs are at most ``budget_flops`` and as close to it as one filter (one gate group) allows.
 
     Closing a gate whose channel every other task keeps open saves nothing (the shared filter
     comes back), so the loop walks the logits in order and counts exact savings per channel.
@@ -111,15 +111,16 @@ def project_to_budget(model: GatedModel, budget_flops: float, input_size: Sequen
     gates = model.gates()
     num_tasks = len(model.tasks)
     current = float(predict_flops(model, (1, *size)))
-    # flat views: gate index, task, channel, logit
+    # flat views: gate index, task, group of channels (a single channel unless gate_group > 1), logit;
+    # every channel of a group has the same gates, so a group's saving is its channels' summed cost
     entries = []
     for g, gate in enumerate(gates):
         a = gate.alpha.detach().cpu()
         for t in range(num_tasks):
             for c, v in enumerate(a[t].tolist()):
                 entries.append((v, g, t, c))
-    open_count = [gate.open_mask().sum(0).cpu().tolist() for gate in gates]
-    costs = [c.tolist() for c in info.costs]
+    open_count = [(gate.alpha > 0).sum(0).cpu().tolist() for gate in gates]
+    costs = [gate.to_groups(c.to(torch.float64)).tolist() for gate, c in zip(gates, info.costs)]
 
     def live(k: int) -> int:
         return k + 1 - (1 if k == num_tasks else 0)

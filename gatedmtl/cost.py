@@ -170,10 +170,11 @@ def expected_flops(model: GatedModel, input_size: Sequence[int] | None = None, *
     info = analyze(model, input_size)
     total: Tensor | float = 0.0
     for gate, cost in zip(model.gates(), info.costs):
-        p = torch.sigmoid(gate.alpha)
+        logits = gate.channel_logits()
+        p = torch.sigmoid(logits)
         live = _live(p)
         if not soft:
-            live = _live((gate.alpha > 0).to(p.dtype)) + (live - live.detach())
+            live = _live((logits > 0).to(p.dtype)) + (live - live.detach())
         total = total + (cost.to(p) * (model.num_slots - live)).sum()
     return info.full - total
 

@@ -9,6 +9,10 @@ For one gated layer with ``C`` output channels and ``T`` tasks:
 
 A closed gate makes the task reuse the shared channel exactly (its own filter is dead); a
 channel open for every task makes the shared filter dead (``psi'`` never reads it).
+
+With ``group > 1`` one gate logit decides ``group`` consecutive channels, so every lean layer
+keeps a multiple of ``group`` filters per slot (widths that vectorised CPU kernels such as ONNX
+Runtime's NCHWc convolutions run without padding).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ChannelGate", "straight_through"]
+__all__ = ["ChannelGate", "straight_through", "check_group"]
 
 
 def straight_through(alpha: Tensor) -> Tensor:
@@ -33,7 +37,8 @@ class ChannelGate(nn.Module):
     axis of each per-sample tensor is ``channel_dim`` (1 for conv/norm outputs, -1 for linear).
 
     Attributes:
-        alpha: ``[T, C]`` gate logits (open where ``alpha > 0``).
+        alpha: ``[T, G]`` gate logits, one per group of ``group`` channels (``G = ceil(C / group)``;
+            open where ``alpha > 0``); :meth:`channel_logits` gives them per channel.
         beta: ``[T, C]`` mixing logits; the shared slot reads ``softmax(beta, dim=0)``.
         cost: ``[C]`` MACs of one channel of one slot for one sample (filter + fused norm),
             filled by :func:`gatedmtl.cost.analyze` at a given input size.
@@ -41,14 +46,17 @@ class ChannelGate(nn.Module):
 
     _gatedmtl_gate = True
 
-    def __init__(self, num_tasks: int, channels: int, channel_dim: int, init_logit: float = 1.0) -> None:
+    def __init__(self, num_tasks: int, channels: int, channel_dim: int, init_logit: float = 1.0,
+                 group: int = 1) -> None:
         super().__init__()
         if channel_dim not in (1, -1):
             raise ValueError(f"channel_dim must be 1 or -1, got {channel_dim}")
+        check_group(group)
         self.num_tasks = num_tasks
         self.channels = channels
         self.channel_dim = channel_dim
-        self.alpha = nn.Parameter(torch.full((num_tasks, channels), float(init_logit)))
+        self.group = group
+        self.alpha = nn.Parameter(torch.full((num_tasks, -(-channels // group)), float(init_logit)))
         self.beta = nn.Parameter(torch.zeros(num_tasks, channels))
         self.register_buffer("cost", torch.zeros(channels), persistent=False)
         self.name = ""  # dotted path of the module whose output is gated, set by convert()
@@ -57,13 +65,40 @@ class ChannelGate(nn.Module):
     def num_slots(self) -> int:
         return self.num_tasks + 1
 
+    def channel_logits(self) -> Tensor:
+        """``[T, C]`` gate logit of every channel (``alpha`` repeated over each group)."""
+        return self.to_channels(self.alpha)
+
+    def to_channels(self, per_group: Tensor) -> Tensor:
+        """``[..., G]`` -> ``[..., C]``: each group's value repeated over its channels."""
+        if self.group == 1:
+            return per_group
+        return per_group.repeat_interleave(self.group, dim=-1)[..., : self.channels]
+
+    def to_groups(self, per_channel: Tensor) -> Tensor:
+        """``[..., C]`` -> ``[..., G]``: the sum over each group's channels (e.g. filter costs)."""
+        if self.group == 1:
+            return per_channel
+        pad = (-per_channel.shape[-1]) % self.group
+        padded = torch.nn.functional.pad(per_channel, (0, pad))
+        return padded.reshape(*per_channel.shape[:-1], -1, self.group).sum(-1)
+
+    def set_open(self, open_: Tensor) -> None:
+        """Set ``alpha`` to +-1 from a ``[T, C]`` boolean mask that is constant within every group."""
+        open_ = open_.to(torch.bool).reshape(self.num_tasks, self.channels)
+        groups = open_[:, :: self.group]
+        if not torch.equal(self.to_channels(groups), open_):
+            raise ValueError(f"gate '{self.name}': the mask is not constant within groups of {self.group} channels")
+        with torch.no_grad():
+            self.alpha.copy_(torch.where(groups.to(self.alpha.device), 1.0, -1.0))
+
     def mask(self) -> Tensor:
         """``[T, C]`` gate values: hard 0/1 forward, sigmoid gradient (STE)."""
-        return straight_through(self.alpha)
+        return straight_through(self.channel_logits())
 
     def open_mask(self) -> Tensor:
         """``[T, C]`` boolean: channels each task computes with its own filter."""
-        return (self.alpha > 0).detach()
+        return (self.channel_logits() > 0).detach()
 
     def mixing_weights(self) -> Tensor:
         """``[T, C]`` convex weights with which the shared slot reads the task features."""
@@ -90,10 +125,18 @@ class ChannelGate(nn.Module):
         if slots[0].shape[self.channel_dim] != self.channels:
             raise ValueError(f"gate '{self.name}': expected {self.channels} channels on dim {self.channel_dim}, "
                              f"got {tuple(slots[0].shape)}")
-        return _GateMix.apply(self.alpha, self.beta, self.channel_dim, *slots)
+        return _GateMix.apply(self.channel_logits(), self.beta, self.channel_dim, *slots)
 
     def extra_repr(self) -> str:
-        return f"tasks={self.num_tasks}, channels={self.channels}, channel_dim={self.channel_dim}"
+        group = f", group={self.group}" if self.group != 1 else ""
+        return f"tasks={self.num_tasks}, channels={self.channels}, channel_dim={self.channel_dim}{group}"
+
+
+def check_group(group: int) -> int:
+    """Validate a gate group size (channels per gate logit)."""
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise ValueError(f"gate group must be a positive integer (channels per gate), got {group!r}")
+    return group
 
 
 def _per_channel(v: Tensor, ref: Tensor, channel_dim: int) -> Tensor:

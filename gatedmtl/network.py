@@ -92,7 +92,7 @@ def _feature_channels(encoder_out: Any) -> list[int]:
 
 
 def build_network(backbone: nn.Module, tasks: Mapping[str, Task] | Sequence[Task], input_size: tuple[int, int, int],
-                  arch: str = "gated", *, init_logit: float = 1.0,
+                  arch: str = "gated", *, init_logit: float = 1.0, gate_group: int = 1,
                   task_weights: Mapping[str, Mapping[str, Tensor]] | None = None) -> MultiTaskNet:
     """Encoder (``arch``: ``gated`` or ``shared``) + one head per task, sized by a probe pass."""
     if arch not in ARCHS:
@@ -106,7 +106,7 @@ def build_network(backbone: nn.Module, tasks: Mapping[str, Task] | Sequence[Task
     heads = {t.name: t.make_head(channels, tuple(input_size[1:])) for t in task_list}
     if arch == "gated":
         encoder: nn.Module = convert(backbone, [t.name for t in task_list], input_size=input_size,
-                                     init_logit=init_logit, task_weights=task_weights)
+                                     init_logit=init_logit, gate_group=gate_group, task_weights=task_weights)
     else:
         if task_weights:
             raise ValueError("task_weights only apply to the gated arch")

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .gates import ChannelGate
+from .gates import ChannelGate, check_group
 from .probe import probe
 from .slots import SlotModule, fold, is_slot_unit, unfold_slot
 
@@ -148,6 +148,7 @@ def convert(
     *,
     input_size: tuple[int, ...] | None = None,
     init_logit: float = 1.0,
+    gate_group: int = 1,
     task_weights: Mapping[str, Mapping[str, Tensor]] | None = None,
 ) -> GatedModel:
     """Turn ``backbone`` into a :class:`GatedModel` with a shared slot and one slot per task.
@@ -159,6 +160,9 @@ def convert(
         input_size: ``(C, H, W)`` used to probe the backbone once; defaults to timm's
             ``pretrained_cfg['input_size']`` or ``(3, 224, 224)``.
         init_logit: initial gate logit for every task channel (> 0: open, < 0: closed).
+        gate_group: channels decided by one gate logit (consecutive channels). With 8 or 16 every
+            lean layer keeps a multiple of it per slot, which CPU kernels (ONNX Runtime's NCHWc
+            convolutions) run without padding; 1 gates every channel on its own.
         task_weights: optional ``{task: backbone state dict}`` (e.g. single-task checkpoints)
             that initialise task branches instead of the backbone's own weights.
 
@@ -166,6 +170,7 @@ def convert(
     equals ``backbone(x)`` for any gate pattern.
     """
     names = _validate_tasks(tasks)
+    check_group(gate_group)
     if not isinstance(backbone, nn.Module):
         raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
     if isinstance(backbone, GatedModel):
@@ -211,7 +216,7 @@ def convert(
             producer = units[gated_output[name]]
             linear = isinstance(producer, nn.Linear)
             channels = producer.out_features if linear else producer.out_channels
-            gate = ChannelGate(len(names), channels, -1 if linear else 1, init_logit)
+            gate = ChannelGate(len(names), channels, -1 if linear else 1, init_logit, group=gate_group)
             gate.name = name
             order.append(name)
         slotted = SlotModule(module, num_slots, gate)

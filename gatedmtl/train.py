@@ -32,6 +32,7 @@ from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_che
 from .cost import count_flops, expected_flops, predict_flops
 from .data import create_dataset
 from .network import MultiTaskNet, build_backbone, build_network, tasks_from_spec
+from .gates import check_group
 from .surgery import GatedModel
 
 __all__ = ["TrainConfig", "Trainer", "evaluate", "NonFiniteLossError", "load_network", "prune_checkpoint",
@@ -67,6 +68,7 @@ class TrainConfig:
     lambda_s: float = 1.0
     sparsity_warmup: int = 0  # epochs without the sparsity term
     init_logit: float = 1.0
+    gate_group: int = 1  # channels per gate logit (lean widths become multiples of it)
     tau: dict[str, float] = field(default_factory=dict)
     lambda_tau: float = 1.0
     balance: str = "ew"
@@ -97,6 +99,7 @@ class TrainConfig:
             raise ValueError(f"tasks must be non-empty and unique, got {list(self.tasks)}")
         if self.arch == "shared" and (self.tau or self.init_task_weights):
             raise ValueError("--tau and --init-task-weights need the gated arch")
+        check_group(self.gate_group)
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -173,7 +176,7 @@ def build_from_config(config: TrainConfig, task_spec: Mapping[str, Mapping[str, 
     if config.init_task_weights and load_pretrained:
         task_weights = {t: load_weights(p) for t, p in config.init_task_weights.items()}
     return build_network(backbone, tasks_from_spec(task_spec), input_size, config.arch,
-                         init_logit=config.init_logit, task_weights=task_weights)
+                         init_logit=config.init_logit, gate_group=config.gate_group, task_weights=task_weights)
 
 
 class _Schedule:
@@ -381,7 +384,7 @@ class Trainer:
                   "loss": {t: v.item() for t, v in losses.items()}, "weights": weights}
         if self.gated:
             gates = self.net.encoder.gates()
-            record["density"] = float(sum(g.open_mask().sum() for g in gates) / sum(g.alpha.numel() for g in gates))
+            record["density"] = float(sum(g.open_mask().sum() for g in gates) / sum(g.open_mask().numel() for g in gates))
             record["gflops"] = gflops
             record["sparsity"] = reg.item() if reg is not None else 0.0
         if self.on_step is not None:
@@ -502,7 +505,10 @@ def load_network(path: str | Path) -> tuple[MultiTaskNet, dict[str, Any]]:
                 mask = tensors.get(f"mask.{gate.name}")
                 if mask is None:
                     raise CheckpointError(f"{path} lacks the gate mask of {gate.name}")
-                gate.alpha.copy_(torch.where(mask.bool(), 1.0, -1.0))
+                try:
+                    gate.set_open(mask.bool())
+                except (ValueError, RuntimeError) as e:
+                    raise CheckpointError(f"{path}: the gate mask of {gate.name} does not fit the network: {e}") from e
         net = net.pruned()
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     try:

@@ -104,3 +104,41 @@ def test_fused_mixing_matches_the_unfused_formula_and_its_gradients(channel_dim,
     assert torch.allclose(out, ref)
     for a, b in zip(grads, ref_grads):
         assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_grouped_gate_repeats_logits_and_sums_their_gradients():
+    gate = ChannelGate(2, 10, 1, group=4)  # groups of 4, 4 and 2 channels
+    assert gate.alpha.shape == (2, 3) and gate.beta.shape == (2, 10)
+    with torch.no_grad():
+        gate.alpha.copy_(torch.tensor([[1.0, -2.0, 0.5], [-1.0, 3.0, -0.5]]))
+    expected = gate.alpha.detach().repeat_interleave(4, 1)[:, :10]
+    assert torch.equal(gate.channel_logits(), expected)
+    assert gate.open_mask().tolist()[0] == [True] * 4 + [False] * 4 + [True] * 2
+    gate.mask().sum().backward()
+    s = torch.sigmoid(gate.alpha.detach())
+    assert torch.allclose(gate.alpha.grad, s * (1 - s) * torch.tensor([4.0, 4.0, 2.0]))
+    assert gate.to_groups(torch.arange(10.0)).tolist() == [6.0, 22.0, 17.0]
+
+
+def test_grouped_gate_mixes_like_its_per_channel_equivalent():
+    torch.manual_seed(0)
+    grouped, single = ChannelGate(3, 6, 1, group=3), ChannelGate(3, 6, 1)
+    with torch.no_grad():
+        grouped.alpha.copy_(torch.randn(3, 2))
+        single.alpha.copy_(grouped.channel_logits())
+        single.beta.copy_(torch.randn(3, 6))
+        grouped.beta.copy_(single.beta)
+    y = torch.randn(8, 6, 5, 5)
+    assert torch.equal(grouped(y), single(y))
+
+
+def test_grouped_gate_set_open_and_bad_groups():
+    gate = ChannelGate(2, 6, 1, group=3)
+    gate.name = "layer"
+    gate.set_open(torch.tensor([[1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1]]))
+    assert gate.alpha.tolist() == [[1.0, -1.0], [-1.0, 1.0]]
+    with pytest.raises(ValueError, match="not constant within groups of 3"):
+        gate.set_open(torch.tensor([[1, 0, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1]]))
+    for bad in (0, -8, 2.5, True):
+        with pytest.raises(ValueError, match="positive integer"):
+            ChannelGate(2, 6, 1, group=bad)

@@ -236,3 +236,30 @@ def test_bad_inputs_are_clear():
         gatedmtl.prune(torchvision.models.resnet18(weights=None))
     with pytest.raises(ValueError, match="input_shape"):
         gatedmtl.predict_flops(model, (3, 0, 32))
+
+
+@pytest.mark.parametrize("group", [8, 16])
+def test_grouped_gates_prune_exactly_and_keep_multiples_of_the_group(group):
+    size = (3, 64, 64)
+    backbone = timm.create_model("mobilenetv3_small_050", pretrained=False).eval()
+    model = gatedmtl.convert(backbone, T, input_size=size, gate_group=group).eval()
+    perturb_slots(model, generator=torch.Generator().manual_seed(0))
+    set_gates(model, 0.5, torch.Generator().manual_seed(1))
+    assert all(g.alpha.shape == (len(T), -(-g.channels // group)) for g in model.gates())
+    for gate in model.gates():  # every channel of a group has the same gates
+        assert torch.equal(gate.open_mask(), gate.open_mask()[:, ::group].repeat_interleave(group, 1)[:, :gate.channels])
+    lean = gatedmtl.prune(model).eval()
+    x = torch.randn(2, *size)
+    with torch.no_grad():
+        assert relative_error(lean(x), model(x)) <= 1e-5
+    assert gatedmtl.predict_flops(model, (1, *size)) == gatedmtl.count_flops(lean, (1, *size))
+    layers = [m for _, m in lean.lean_layers()]
+    assert layers
+    for layer in layers:
+        if layer.channels % group == 0:
+            assert all(k % group == 0 for k in layer.kept), layer
+
+
+def test_bad_gate_group():
+    with pytest.raises(ValueError, match="positive integer"):
+        gatedmtl.convert(timm.create_model("resnet18", pretrained=False), T, input_size=(3, 32, 32), gate_group=0)

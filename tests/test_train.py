@@ -50,6 +50,19 @@ def test_projection_lands_on_budget(name, kw, size, budget):
     assert landed <= target * 1.0001
 
 
+def test_projection_with_gate_groups_lands_on_budget():
+    size = (3, 64, 64)
+    model = gatedmtl.convert(timm.create_model("resnet18", pretrained=False), T, input_size=size, gate_group=16)
+    _random_gates(model)
+    target = resolve_budget(model, 0.5, size)
+    predicted = project_to_budget(model, target, size)
+    landed = gatedmtl.count_flops(gatedmtl.prune(model.eval()), (1, *size))
+    assert predicted == landed
+    assert abs(landed / target - 1) <= 0.01 and landed <= target * 1.0001, (landed, target)
+    layers = [layer for _, layer in gatedmtl.prune(model.eval()).lean_layers() if layer.channels % 16 == 0]
+    assert layers and all(k % 16 == 0 for layer in layers for k in layer.kept)  # (the 1000-way fc is not)
+
+
 def test_projection_opens_gates_when_below_budget():
     model = gatedmtl.convert(timm.create_model("resnet18", pretrained=False), T, input_size=(3, 32, 32))
     with torch.no_grad():
@@ -88,9 +101,10 @@ def test_sparsity_loss_closes_gates():
     assert end < start and end <= target * 1.05
 
 
-def test_train_logs_checkpoints_and_prunes(tmp_path):
+@pytest.mark.parametrize("gate_group", [1, 8])
+def test_train_logs_checkpoints_and_prunes(tmp_path, gate_group):
     out = tmp_path / "run"
-    trainer = Trainer(TrainConfig(**TINY, out=str(out)))
+    trainer = Trainer(TrainConfig(**TINY, gate_group=gate_group, out=str(out)))
     summary = trainer.fit()
     assert summary["steps"] == 6
     lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -112,6 +126,7 @@ def test_train_logs_checkpoints_and_prunes(tmp_path):
     assert all(relative_error(b[t], a[t]) < 1e-4 for t in T)
     metrics = trainer.evaluate(lean)
     assert set(metrics) == set(T) and "miou" in metrics["seg"]
+    assert all(g.group == gate_group for g in gated.encoder.gates())
 
 
 def test_refuses_to_overwrite_and_checks_resume_settings(tmp_path):
