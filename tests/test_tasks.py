@@ -261,7 +261,7 @@ def test_heads_losses_train_end_to_end(name):
     target = _random_target(name, 4, (8, 8))
     opt = torch.optim.Adam(head.parameters(), lr=1e-2)
     first = None
-    for _ in range(30):
+    for _ in range(60):
         loss = task.loss(head(feats), target)
         first = loss.item() if first is None else first
         opt.zero_grad()

@@ -25,8 +25,11 @@ class DenseHead(nn.Module):
     """Per-pixel head (HRNet style).
 
     All maps [B,C_i,H_i,W_i] are bilinearly upsampled to the finest one and concatenated,
-    then conv3x3-BN-ReLU, conv1x1 -> ``out_channels``, and bilinear upsampling to
-    ``input_size`` (or to ``output_size`` given to :meth:`forward`). Output [B,out,H,W].
+    then conv1x1-BN-ReLU (``hidden_channels``, default ``min(sum C_i, 128)``), conv1x1 ->
+    ``out_channels``, and bilinear upsampling to ``input_size`` (or to ``output_size`` given to
+    :meth:`forward`). Output [B,out,H,W]. Pointwise, as HRNet's own head: a 3x3 fuse conv on the
+    concatenated maps at the finest (often stride-2) resolution would cost several times the
+    encoder.
     """
 
     def __init__(
@@ -41,11 +44,11 @@ class DenseHead(nn.Module):
         if not feature_channels or min(feature_channels) <= 0:
             raise ValueError(f"feature_channels must be positive ints, got {feature_channels}")
         in_ch = sum(feature_channels)
-        hidden = hidden_channels or min(in_ch, 256)
+        hidden = hidden_channels or min(in_ch, 128)
         self.feature_channels = feature_channels
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.fuse = nn.Sequential(
-            nn.Conv2d(in_ch, hidden, 3, padding=1, bias=False),
+            nn.Conv2d(in_ch, hidden, 1, bias=False),
             nn.BatchNorm2d(hidden),
             nn.ReLU(inplace=True),
         )
