@@ -66,9 +66,17 @@ def resolve_budget(model: GatedModel, budget: float | str, input_size: Sequence[
     return flops
 
 
-def sparsity_loss(model: GatedModel, budget_flops: float, input_size: Sequence[int] | None = None) -> Tensor:
-    """Cost-aware hinge ``max(0, E[flops] / budget - 1)`` with straight-through gates."""
-    return torch.relu(expected_flops(model, input_size) / budget_flops - 1.0)
+def sparsity_loss(model: GatedModel, budget_flops: float, input_size: Sequence[int] | None = None,
+                  two_sided: bool = False) -> Tensor:
+    """Cost-aware hinge ``max(0, E[flops] / budget - 1)`` with straight-through gates.
+
+    With ``two_sided=True``: ``|E[flops] / budget - 1|``, which also pulls a model that went
+    below the budget back up to it, so that training ends at the budget and the projection
+    before pruning changes few gates (opening a gate after training brings in a task filter
+    that received no gradient while it was closed).
+    """
+    ratio = expected_flops(model, input_size) / budget_flops - 1.0
+    return ratio.abs() if two_sided else torch.relu(ratio)
 
 
 def task_targets_loss(model: GatedModel, targets: Mapping[str, float], input_size: Sequence[int] | None = None) -> Tensor:
@@ -94,15 +102,23 @@ def task_targets_loss(model: GatedModel, targets: Mapping[str, float], input_siz
 
 
 @torch.no_grad()
-def project_to_budget(model: GatedModel, budget_flops: float, input_size: Sequence[int] | None = None) -> int:
-    """Close the lowest-logit open gates (or open the highest-logit closed ones) until the predicted
-    lean FLOPs are at most ``budget_flops`` and as close to it as one filter (one gate group) allows.
+def project_to_budget(model: GatedModel, budget_flops: float, input_size: Sequence[int] | None = None,
+                      tolerance: float = 0.01) -> int:
+    """Close the lowest-logit open gates until the predicted lean FLOPs are at most ``budget_flops``;
+    if they are more than ``tolerance`` below it, open the highest-logit closed ones until they
+    are within ``[(1 - tolerance) * budget, budget]``.
+
+    Gates are opened only as far as needed to land within the tolerance: an opened gate brings
+    in a task filter that got no gradient while its gate was closed (train with
+    ``budget_mode="target"`` so that training itself ends at the budget).
 
     Closing a gate whose channel every other task keeps open saves nothing (the shared filter
     comes back), so the loop walks the logits in order and counts exact savings per channel.
     Changes the ``alpha`` of the changed gates to ``-|alpha| - eps`` / ``+|alpha| + eps``; returns
     the predicted per-sample FLOPs.
     """
+    if not 0.0 <= tolerance < 1.0:
+        raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
     info = analyze(model, input_size)
     size = info.input_size
     low, high = flop_bounds(model, size)
@@ -134,8 +150,10 @@ def project_to_budget(model: GatedModel, budget_flops: float, input_size: Sequen
             current += (live(k - 1) - live(k)) * costs[g][c]
             open_count[g][c] = k - 1
             changes.append((g, t, c, False))
-    else:
+    elif current < (1.0 - tolerance) * budget_flops:
         for v, g, t, c in sorted((e for e in entries if e[0] <= 0), reverse=True):
+            if current >= (1.0 - tolerance) * budget_flops:
+                break
             k = open_count[g][c]
             delta = (live(k + 1) - live(k)) * costs[g][c]
             if current + delta > budget_flops:

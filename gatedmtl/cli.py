@@ -60,6 +60,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lambda-s", type=float, default=1.0, help="weight of the cost hinge")
     p.add_argument("--sparsity-warmup", type=int, default=0, help="epochs before the cost hinge starts")
     p.add_argument("--init-logit", type=float, default=1.0)
+    p.add_argument("--budget-mode", choices=("max", "target"), default="target",
+                   help="max: penalise only a cost above the budget (hinge); target: penalise any distance "
+                        "from it, so that training ends at the budget")
     p.add_argument("--gate-group", type=int, default=1,
                    help="channels decided by one gate (e.g. 8 or 16: lean layers keep multiples of it, "
                         "which vectorised CPU kernels run faster)")
@@ -95,7 +98,7 @@ def _train(args: argparse.Namespace) -> int:
         steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
         gate_lr=args.gate_lr, weight_decay=args.weight_decay, schedule=args.schedule,
         grad_clip=args.grad_clip or None, lambda_s=args.lambda_s, sparsity_warmup=args.sparsity_warmup,
-        init_logit=args.init_logit, gate_group=args.gate_group, tau={k: float(v) for k, v in _kv(args.tau, "--tau").items()},
+        init_logit=args.init_logit, gate_group=args.gate_group, budget_mode=args.budget_mode, tau={k: float(v) for k, v in _kv(args.tau, "--tau").items()},
         balance=args.balance, balance_options={k: _value(v) for k, v in _kv(args.balance_opt, "--balance-opt").items()},
         seed=args.seed, out=args.out, checkpoint=args.checkpoint, pretrained=args.pretrained,
         init_task_weights=_kv(args.init_task_weights, "--init-task-weights"), save_every=args.save_every,

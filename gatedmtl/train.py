@@ -66,6 +66,7 @@ class TrainConfig:
     schedule: str = "cosine"
     grad_clip: float | None = 5.0
     lambda_s: float = 1.0
+    budget_mode: str = "target"  # "target": |cost / budget - 1|; "max": hinge above the budget only
     sparsity_warmup: int = 0  # epochs without the sparsity term
     init_logit: float = 1.0
     gate_group: int = 1  # channels per gate logit (lean widths become multiples of it)
@@ -100,6 +101,8 @@ class TrainConfig:
         if self.arch == "shared" and (self.tau or self.init_task_weights):
             raise ValueError("--tau and --init-task-weights need the gated arch")
         check_group(self.gate_group)
+        if self.budget_mode not in ("max", "target"):
+            raise ValueError(f"budget_mode must be 'max' or 'target', got {self.budget_mode!r}")
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -336,7 +339,8 @@ class Trainer:
         enc = self.net.encoder
         reg: Tensor | None = None
         if self.budget_flops is not None and epoch >= self.config.sparsity_warmup:
-            reg = self.config.lambda_s * sparsity_loss(enc, self.budget_flops, self.input_size)
+            reg = self.config.lambda_s * sparsity_loss(enc, self.budget_flops, self.input_size,
+                                                       two_sided=self.config.budget_mode == "target")
         if self.config.tau and epoch >= self.config.sparsity_warmup:
             t = self.config.lambda_tau * task_targets_loss(enc, self.config.tau, self.input_size)
             reg = t if reg is None else reg + t

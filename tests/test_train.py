@@ -63,6 +63,34 @@ def test_projection_with_gate_groups_lands_on_budget():
     assert layers and all(k % 16 == 0 for layer in layers for k in layer.kept)  # (the 1000-way fc is not)
 
 
+def test_projection_keeps_gates_already_within_tolerance():
+    size = (3, 32, 32)
+    model = gatedmtl.convert(timm.create_model("resnet18", pretrained=False), T, input_size=size)
+    _random_gates(model)
+    current = gatedmtl.predict_flops(model, (1, *size))
+    alphas = [g.alpha.detach().clone() for g in model.gates()]
+    assert project_to_budget(model, current / 0.995, size) == current  # 0.5 % below: nothing opened
+    assert all(torch.equal(a, g.alpha) for a, g in zip(alphas, model.gates()))
+    opened = project_to_budget(model, current / 0.95, size, tolerance=0.0)  # 5 % below, no tolerance: opened
+    assert current < opened <= current / 0.95
+    with pytest.raises(ValueError, match="tolerance"):
+        project_to_budget(model, current, size, tolerance=1.5)
+
+
+def test_two_sided_sparsity_pulls_a_cheap_model_up_to_the_budget():
+    size = (3, 32, 32)
+    model = gatedmtl.convert(timm.create_model("resnet18", pretrained=False), T, input_size=size, init_logit=-0.5)
+    low, _ = gatedmtl.flop_bounds(model, size)
+    target = resolve_budget(model, 0.5, size)
+    hinge = gatedmtl.budget.sparsity_loss(model, target, size)
+    assert hinge.item() == 0.0  # below the budget: the hinge is silent
+    loss = gatedmtl.budget.sparsity_loss(model, target, size, two_sided=True)
+    assert loss.item() == pytest.approx(1 - low / target, rel=1e-6)
+    loss.backward()
+    assert all(bool((g.alpha.grad <= 0).all()) for g in model.gates())  # descent raises the logits: gates open
+    assert sum(float(g.alpha.grad.sum()) for g in model.gates()) < 0
+
+
 def test_projection_opens_gates_when_below_budget():
     model = gatedmtl.convert(timm.create_model("resnet18", pretrained=False), T, input_size=(3, 32, 32))
     with torch.no_grad():
