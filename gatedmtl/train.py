@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from .network import MultiTaskNet, build_backbone, build_network, tasks_from_spe
 from .gates import check_group
 from .surgery import GatedModel
 
-__all__ = ["TrainConfig", "Trainer", "evaluate", "NonFiniteLossError", "load_network", "prune_checkpoint",
+__all__ = ["TrainConfig", "Trainer", "evaluate", "NonFiniteLossError", "load_network", "prune_checkpoint", "ProjectionWarning",
            "init_distributed", "finalize"]
 
 
@@ -472,6 +473,13 @@ def evaluate(net: nn.Module, dataset: Dataset, tasks: Mapping[str, Any], batch_s
     return {t: m.compute() for t, m in metrics.items()}
 
 
+PROJECTION_WARN = 0.05  # relative distance from the budget at the end of training that draws a warning
+
+
+class ProjectionWarning(UserWarning):
+    """Training ended far from the budget, so the projection before pruning changed many gates."""
+
+
 def finalize(net: MultiTaskNet, budget_flops: float | None, input_size: Sequence[int]) -> tuple[MultiTaskNet, dict[str, Any]]:
     """Project ``net``'s gates onto ``budget_flops`` (if given), prune, and report FLOPs."""
     if not isinstance(net.encoder, GatedModel):
@@ -480,7 +488,19 @@ def finalize(net: MultiTaskNet, budget_flops: float | None, input_size: Sequence
     report: dict[str, Any] = {"before_projection": predict_flops(enc, (1, *input_size))}
     if budget_flops is not None:
         report["requested"] = budget_flops
+        before = [g.alpha.detach() > 0 for g in enc.gates()]
         report["predicted"] = project_to_budget(enc, budget_flops, input_size)
+        changed = sum(int((b != (g.alpha.detach() > 0)).sum()) for b, g in zip(before, enc.gates()))
+        total = sum(b.numel() for b in before)
+        report["changed_gates"], report["gates"] = changed, total
+        off = report["before_projection"] / budget_flops - 1
+        if abs(off) > PROJECTION_WARN:
+            warnings.warn(
+                f"training ended at {report['before_projection'] / 1e9:.4f} GFLOPs, {off:+.1%} from the budget "
+                f"{budget_flops / 1e9:.4f} GFLOPs, so the projection changed {changed} of {total} gates "
+                f"({changed / total:.1%}); the lean model can lose accuracy against the trained one. Train longer "
+                "or raise --lambda-s (with --budget-mode target) so that training ends on the budget.",
+                ProjectionWarning, stacklevel=2)
     lean = net.pruned().eval()
     report["landed"] = count_flops(lean.encoder, (1, *input_size))
     if budget_flops is not None:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 import textwrap
 from pathlib import Path
 
@@ -89,6 +90,21 @@ def test_two_sided_sparsity_pulls_a_cheap_model_up_to_the_budget():
     loss.backward()
     assert all(bool((g.alpha.grad <= 0).all()) for g in model.gates())  # descent raises the logits: gates open
     assert sum(float(g.alpha.grad.sum()) for g in model.gates()) < 0
+
+
+def test_finalize_warns_when_training_ended_far_from_the_budget(tmp_path):
+    from gatedmtl.train import ProjectionWarning, finalize
+
+    trainer = Trainer(TrainConfig(**TINY, out=str(tmp_path / "run")))
+    size = trainer.input_size
+    target = resolve_budget(trainer.net.encoder, 0.5, size)
+    with pytest.warns(ProjectionWarning, match=r"changed \d+ of \d+ gates"):  # every gate open: far above
+        _, report = finalize(trainer.net, target, size)
+    assert report["changed_gates"] > 0 and report["gates"] == sum(g.alpha.numel() for g in trainer.net.encoder.gates())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ProjectionWarning)  # now on the budget: silent, nothing changes
+        _, again = finalize(trainer.net, target, size)
+    assert again["changed_gates"] == 0
 
 
 def test_projection_opens_gates_when_below_budget():
