@@ -16,12 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .cost import count_flops, count_params, flop_bounds
 from .export import export_onnx
 from .network import MultiTaskNet
+from .profile import onnx_latency
 from .tasks import delta_mtl
 from .train import TrainConfig, Trainer, evaluate
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     # the same heads on one shared plain backbone (hard sharing): the latency a lean model competes with
     shared_path = out / "hard_sharing.onnx"
     export_onnx(MultiTaskNet(plain_backbone, trainer.net.heads).eval(), shared_path, (1, *size), check=False)
-    lean_ms, shared_ms = _ort_median_ms(onnx_path, size), _ort_median_ms(shared_path, size)
+    lean_ms, shared_ms = onnx_latency(onnx_path, (1, *size)).median_ms, onnx_latency(shared_path, (1, *size)).median_ms
     print(f"      {onnx_path} ({exp.file_size_bytes / 1e6:.1f} MB): outputs {list(exp.outputs)}; "
           f"ORT vs torch max rel. error {worst:.1e}")
     print(f"      ONNX Runtime, 1 thread, median: lean {lean_ms:.1f} ms vs {shared_ms:.1f} ms for the same heads on one "
@@ -108,24 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     (out / "demo.json").write_text(json.dumps(summary, indent=2))
     print(f"done in {summary['seconds']:.0f} s; results in {out}/ (demo.json, log.jsonl, lean.onnx)")
     return 0
-
-
-def _ort_median_ms(path: Path, size: tuple[int, ...], runs: int = 20) -> float:
-    """Median ONNX Runtime CPU latency (1 intra-op thread, batch 1) after 3 warm-up runs."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    feed = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, *size), dtype=np.float32)}
-    for _ in range(3):
-        sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
 
 
 def _plain_backbone(trainer: Trainer) -> torch.nn.Module:

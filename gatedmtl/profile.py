@@ -52,7 +52,7 @@ from .prune import LeanGatedLayer, LeanModel, computed_slots, prune
 from .slots import SlotModule
 from .surgery import GatedModel, gateable
 
-__all__ = ["Profile", "SlotStats", "LayerStats", "UngatedLayer", "Latency", "profile", "compare",
+__all__ = ["Profile", "SlotStats", "LayerStats", "UngatedLayer", "Latency", "onnx_latency", "profile", "compare",
            "measure_latency", "main"]
 
 
@@ -271,26 +271,33 @@ class _DictOutput(nn.Module):
 def measure_latency(model: nn.Module, input_shape: Sequence[int], *, threads: int = 1, runs: int = 20,
                     warmup: int = 3) -> Latency:
     """Export ``model`` (a plain backbone or a lean model) to a temporary ONNX file and time it with ORT."""
-    import numpy as np
-    import onnxruntime as ort
-
     from .export import export_onnx
 
     shape = _check_shape(input_shape)
-    if runs < 1 or threads < 1:
-        raise ValueError(f"runs and threads must be >= 1, got runs={runs}, threads={threads}")
     wrapped = model if isinstance(model, LeanModel) else _DictOutput(model)
     with tempfile.TemporaryDirectory(prefix="gatedmtl-profile-") as tmp:
         path = Path(tmp) / "model.onnx"
         with warnings.catch_warnings():  # tracer chatter from backbone code, not actionable here
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             export_onnx(wrapped, path, shape, check=False)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.log_severity_level = 3
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return onnx_latency(path, shape, threads=threads, runs=runs, warmup=warmup)
+
+
+def onnx_latency(path: str | Path, input_shape: Sequence[int], *, threads: int = 1, runs: int = 20,
+                 warmup: int = 3) -> Latency:
+    """Time the ONNX file ``path`` with ONNX Runtime (CPU, sequential) on a random input of ``input_shape``."""
+    import numpy as np
+    import onnxruntime as ort
+
+    shape = _check_shape(input_shape)
+    if runs < 1 or threads < 1:
+        raise ValueError(f"runs and threads must be >= 1, got runs={runs}, threads={threads}")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     for _ in range(warmup):

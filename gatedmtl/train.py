@@ -388,8 +388,8 @@ class Trainer:
         record = {"step": self.step, "epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
                   "loss": {t: v.item() for t, v in losses.items()}, "weights": weights}
         if self.gated:
-            gates = self.net.encoder.gates()
-            record["density"] = float(sum(g.open_mask().sum() for g in gates) / sum(g.open_mask().numel() for g in gates))
+            masks = [g.open_mask() for g in self.net.encoder.gates()]
+            record["density"] = float(sum(m.sum() for m in masks) / sum(m.numel() for m in masks))
             record["gflops"] = gflops
             record["sparsity"] = reg.item() if reg is not None else 0.0
         if self.on_step is not None:
