@@ -87,9 +87,12 @@ OPT_LEVELS = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
               "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}
 
 
-def _session(path: Path, threads: int, level: str = "all") -> ort.InferenceSession:
+def _session(path: Path, threads: int, level: str = "all", profile_prefix: str | None = None) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = OPT_LEVELS[level]
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -133,26 +136,16 @@ OP_GROUPS = {"Conv": "conv", "FusedConv": "conv", "ReorderInput": "NCHWc reorder
 GROUP_NAMES = ("conv", "NCHWc reorder", "slot split / concat", "channel gather", "mul / add", "other")
 
 
-def _op_breakdown(path: Path, threads: int, level: str, x: np.ndarray, runs: int = 10) -> dict[str, float]:
-    """Mean ORT kernel time (ms per run) per op group, from ONNX Runtime's own profiler."""
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = OPT_LEVELS[level]
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    opts.enable_profiling = True
-    opts.profile_file_prefix = str(path.with_suffix(""))
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    for _ in range(3):
-        session.run(None, {"image": x})
-    session.end_profiling()  # drop the warm-up runs
-    opts.enable_profiling = True
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    for _ in range(runs):
+def _op_breakdown(path: Path, threads: int, level: str, x: np.ndarray, runs: int = 10, warmup: int = 3) -> dict[str, float]:
+    """Mean ORT kernel time (ms per run) per op group, from ONNX Runtime's own profiler (warm-up runs dropped)."""
+    session = _session(path, threads, level, profile_prefix=str(path.with_suffix("")))
+    for _ in range(warmup + runs):
         session.run(None, {"image": x})
     events = json.loads(Path(session.end_profiling()).read_text())
+    first = sorted(e["ts"] for e in events if e.get("name") == "model_run")[warmup]
     totals = dict.fromkeys(GROUP_NAMES, 0.0)
     for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= first:
             totals[OP_GROUPS.get(e["args"]["op_name"], "other")] += e["dur"] / 1e3 / runs
     return totals
 

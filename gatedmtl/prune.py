@@ -26,7 +26,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from .slots import SlotModule, _batch_dim_in
+from .slots import SlotModule, _batch_dim_in, _merge
 from .surgery import GatedModel, _parents
 
 __all__ = ["prune", "LeanModel", "LeanGatedLayer", "LeanSlotModule", "prune_out_channels", "computed_slots"]
@@ -255,8 +255,6 @@ class LeanSlotModule(SlotModule):
         outs = [self.slots[s](chunks[s]) for s in range(num_slots)]
         if all(isinstance(o, Tensor) for o in outs):
             return torch.cat(outs, 0)
-        from .slots import _merge
-
         return _merge(outs, self.slots[0])
 
 
