@@ -59,9 +59,11 @@ def resolve_budget(model: GatedModel, budget: float | str, input_size: Sequence[
     low, high = flop_bounds(model, input_size)
     if not low <= flops <= high:
         raise BudgetError(
-            f"budget {flops / 1e9:.4f} GFLOPs is infeasible for this model at input {tuple(info.input_size)}: "
-            f"it must lie between {low / 1e9:.4f} GFLOPs (every gate closed: tasks share one branch) and "
-            f"{high / 1e9:.4f} GFLOPs (every gate open); full model {info.full / 1e9:.4f} GFLOPs"
+            f"budget {flops / 1e9:.4f} GFLOPs ({flops / info.full:.3g} of the full model) is infeasible for this model "
+            f"at input {tuple(info.input_size)}: it must lie between {low / 1e9:.4f} GFLOPs = {low / info.full:.3f} "
+            f"(every gate closed: tasks share one branch) and {high / 1e9:.4f} GFLOPs = {high / info.full:.3f} "
+            f"(every gate open: one branch per task, the shared one dead), as fractions of the full "
+            f"{model.num_slots}-branch model ({info.full / 1e9:.4f} GFLOPs, every branch computing every channel)"
         )
     return flops
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_weights", "CheckpointError", "META_KEY"]
+from .files import check_not_special, remove_stale_temps, replace_file, temp_path
+
+__all__ = ["save_checkpoint", "load_checkpoint", "read_meta", "load_weights", "CheckpointError", "META_KEY"]
 
 META_KEY = "gatedmtl"
 
@@ -28,22 +29,49 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupted, unsafe, or of another model."""
 
 
-def save_checkpoint(path: str | Path, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> Path:
-    """Write ``tensors`` + ``meta`` (JSON) to ``path`` atomically (temp file, fsync, rename)."""
+def save_checkpoint(path: str | Path, tensors: Mapping[str, Tensor], meta: Mapping[str, Any],
+                    keep_previous: str | Path | None = None) -> Path:
+    """Write ``tensors`` + ``meta`` (JSON, key order kept) to ``path`` atomically (temp file, fsync, rename).
+
+    With ``keep_previous``, the file that ``path`` held before is kept under that name (a hard
+    link, so that ``path`` exists at every moment). Temporary files that a killed writer left in
+    the folder are removed first. Only a regular file is ever replaced.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    check_not_special(path)
+    remove_stale_temps(path.parent)
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = temp_path(path)
     try:
-        save_file(flat, tmp, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+        save_file(flat, str(tmp), metadata={META_KEY: json.dumps(meta)})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if keep_previous is not None and path.is_file():
+            previous = Path(keep_previous)
+            check_not_special(previous)
+            previous.unlink(missing_ok=True)
+            os.link(path, previous)
+        replace_file(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _describe_foreign(path: Path) -> str | None:
+    """What a file that is not a safetensors checkpoint is, from its first bytes (``None``: unknown)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return None
+    if head.startswith(b"PK\x03\x04") or head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+        return ("a PyTorch pickle/zip file (torch.save); gatedmtl checkpoints are .safetensors files written by "
+                "'gatedmtl train' or 'gatedmtl prune' (plain backbone weights go to train --checkpoint)")
+    if path.suffix == ".onnx" or head[:1] == b"\x08" and b"pytorch" in head.lower():
+        return "an ONNX model; run it with 'python export/run.py MODEL.onnx IMAGE', gatedmtl commands read .safetensors checkpoints"
+    return None
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -58,7 +86,13 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
             raw = (f.metadata() or {}).get(META_KEY)
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({e}); use an earlier checkpoint") from e
+        foreign = _describe_foreign(path)
+        if foreign is not None:
+            raise CheckpointError(f"{path} is {foreign}") from e
+        previous = path.with_name("prev" + path.suffix)
+        hint = (f"{previous} holds the save before it" if previous.is_file() and previous != path
+                else "retrain, or restore it from a backup")
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({e}); {hint}") from e
     if raw is None:
         raise CheckpointError(f"{path} is a safetensors file but not a gatedmtl checkpoint (no '{META_KEY}' metadata)")
     try:
@@ -66,6 +100,19 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
     except json.JSONDecodeError as e:
         raise CheckpointError(f"checkpoint {path} has corrupted metadata: {e}") from e
     return tensors, meta
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The metadata record of a checkpoint without reading its tensors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+        return json.loads(raw) if raw is not None else {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"cannot read the metadata of {path}: {e}") from e
 
 
 def load_weights(path: str | Path) -> dict[str, Tensor]:

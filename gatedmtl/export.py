@@ -18,10 +18,11 @@ Public API: :func:`export_onnx`, :func:`quantize_int8`, :func:`compare_outputs`,
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
-import tempfile
+import shutil
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,6 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from .files import check_output, remove_stale_temps, replace_file, temp_path
 
 __all__ = [
     "METADATA_KEY",
@@ -135,6 +138,21 @@ class OutputQuantStats:
     mean_abs_diff: float
     rel_error: float
     argmax_agreement: float | None
+    angle_error_deg: float | None = None
+    metric: str = "rel_error"
+
+    def worst(self) -> tuple[str, float, bool]:
+        """``(what, value, bad)``: the metric that fits the output and whether it is large."""
+        if self.metric == "argmax_agreement" and self.argmax_agreement is not None:
+            return "argmax agreement %", self.argmax_agreement, self.argmax_agreement < QUANT_WARN_AGREEMENT
+        if self.metric == "angle_error_deg" and self.angle_error_deg is not None:
+            return "mean angle error deg", self.angle_error_deg, self.angle_error_deg > QUANT_WARN_ANGLE
+        return "relative error", self.rel_error, self.rel_error > QUANT_WARN_REL
+
+
+QUANT_WARN_AGREEMENT = 95.0  # % of positions whose argmax int8 and float agree
+QUANT_WARN_ANGLE = 5.0  # degrees between int8 and float normal vectors
+QUANT_WARN_REL = 0.1  # scale-aware relative error of a regression output
 
 
 @dataclass
@@ -160,9 +178,32 @@ class QuantReport:
         ]
         for name, s in self.outputs.items():
             agree = f"  argmax agree {s.argmax_agreement:.1f}%" if s.argmax_agreement is not None else ""
+            agree += f"  angle {s.angle_error_deg:.2f} deg" if s.angle_error_deg is not None else ""
             lines.append(f"  {name:<24} mean|d| {s.mean_abs_diff:.3e}  rel.err {s.rel_error:.3e}{agree}")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+    def warnings(self) -> list[str]:
+        """One line per output whose int8 error is large by the metric that fits it."""
+        out = []
+        for name, s in self.outputs.items():
+            what, value, bad = s.worst()
+            if bad:
+                out.append(f"int8 output {name}: {what} {value:.3g} (float vs int8 on the calibration batches); "
+                           "check its accuracy before deploying, or keep the float model")
+        return out
+
+    def write_report(self, path: str | Path, force: bool = False) -> Path:
+        """Write the accuracy report as JSON next to the int8 model."""
+        path = Path(path)
+        check_output(path, force=force)
+        data = {"model": str(self.path), "float_model": str(self.float_path),
+                "calibration_batches": self.calibration_batches, "float_size_bytes": self.float_size_bytes,
+                "int8_size_bytes": self.int8_size_bytes, "notes": self.notes, "warnings": self.warnings(),
+                "outputs": {n: {**s.__dict__, "checked_metric": s.worst()[0], "value": s.worst()[1], "large": s.worst()[2]}
+                            for n, s in self.outputs.items()}}
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        return path
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -308,22 +349,24 @@ def _refuse_gated(model: nn.Module) -> None:
             )
 
 
-def _check_output_path(path: Path) -> None:
-    """Fail fast (before the slow export) if ``path`` cannot be written."""
-    parent = path.parent
+def _check_output_path(path: Path, force: bool = False) -> None:
+    """Fail fast (before the slow export) if ``path`` cannot or may not be written."""
     if path.is_dir():
         raise ValueError(f"output path {path} is a directory; give a file name such as {path / 'model.onnx'}")
-    if not parent.exists():
-        raise FileNotFoundError(f"output folder {parent} does not exist; create it first (mkdir -p {parent})")
-    if not parent.is_dir():
-        raise NotADirectoryError(f"output folder {parent} is not a directory")
-    try:  # os.access is unreliable (root, ACLs, read-only mounts): really try.
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".gatedmtl-probe-"):
-            pass
-    except OSError as exc:
-        raise PermissionError(f"cannot write to output folder {parent}: {exc.strerror or exc}") from exc
-    if path.exists() and not os.access(path, os.W_OK):
-        raise PermissionError(f"output file {path} exists and is not writable")
+    check_output(path, force=force)
+    check_output(path.parent / (path.name + ".data"), force=True)  # never a special file
+
+
+@contextlib.contextmanager
+def _work_dir(path: Path, kind: str):
+    """A temporary folder next to ``path`` (named with this process id, so a later run removes it after a kill)."""
+    remove_stale_temps(path.parent)
+    work = temp_path(path, kind)
+    work.mkdir()
+    try:
+        yield str(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
@@ -419,15 +462,21 @@ def _structure_json(tasks: list[dict[str, Any]], input_shape: tuple[int, ...]) -
     )
 
 
-def _finalize_onnx(tmp_file: Path, path: Path, structure: str, external_data: bool) -> int:
+RUNNER_METADATA_KEY = "gatedmtl.runner"
+
+
+def _finalize_onnx(tmp_file: Path, path: Path, structure: str, external_data: bool, runner: str | None = None) -> int:
     """Load the raw export, attach metadata, save to ``path`` (+ ``path.data``) atomically; return the opset."""
     import onnx
 
     proto = onnx.load(str(tmp_file))  # also loads any external weight files next to it
-    for prop in [p for p in proto.metadata_props if p.key == METADATA_KEY]:
+    for prop in [p for p in proto.metadata_props if p.key in (METADATA_KEY, RUNNER_METADATA_KEY)]:
         proto.metadata_props.remove(prop)
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, structure
+    if runner is not None:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = RUNNER_METADATA_KEY, runner
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
 
     staging = tmp_file.parent / "final"
@@ -451,8 +500,8 @@ def _publish(staged: Path, path: Path) -> None:
     staged_data = staged.parent / data_name
     if staged_data.exists():
         os.chmod(staged_data, staged.stat().st_mode & 0o777)
-        os.replace(staged_data, path.parent / data_name)
-    os.replace(staged, path)
+        replace_file(staged_data, path.parent / data_name)
+    replace_file(staged, path)
 
 
 def _ort_session(path: Path, threads: int | None = None):
@@ -490,6 +539,8 @@ def export_onnx(
     external_data: bool | None = None,
     exporter: str = "torchscript",
     check_dynamic_batch: bool = True,
+    force: bool = False,
+    metadata: Mapping[str, Any] | None = None,
 ) -> ExportReport:
     """Export a lean multi-task model to ONNX with named, flattened task outputs and a dynamic batch axis.
 
@@ -504,6 +555,9 @@ def export_onnx(
         external_data: store weights in ``path + ".data"``; ``None`` = only if the model exceeds 1.5 GiB.
         exporter: ``"torchscript"`` (default, fast) or ``"dynamo"`` (torch.export based).
         check_dynamic_batch: with ``check``, also verify a second batch size (2 if N == 1 else 1).
+        force: replace an existing ``path`` (a regular file only; nothing else is ever replaced).
+        metadata: extra JSON-able facts for the runner (e.g. ``{"normalization": {"mean": [...], "std": [...]},
+            "task_spec": {...}}``), stored under the ``gatedmtl.runner`` metadata key.
 
     Returns:
         :class:`ExportReport`.
@@ -517,7 +571,7 @@ def export_onnx(
     path = Path(path).expanduser().absolute()
     shape = _check_input_shape(input_shape)
     _refuse_gated(model)
-    _check_output_path(path)
+    _check_output_path(path, force)
     nbytes = _model_nbytes(model)
     if external_data is None:
         external_data = nbytes > EXTERNAL_DATA_THRESHOLD_BYTES
@@ -542,7 +596,7 @@ def export_onnx(
         trace_batch = shape[0] if shape[0] >= 2 else 2
         example = torch.randn((trace_batch, *shape[1:]), generator=gen).to(device)
 
-        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".gatedmtl-export-") as tmp:
+        with _work_dir(path, "export") as tmp:
             raw = Path(tmp) / "raw.onnx"
             t0 = time.perf_counter()
             try:
@@ -556,7 +610,8 @@ def export_onnx(
                     f"torch.onnx.export ({exporter} exporter) failed: {type(exc).__name__}: {exc}\n"
                     f"Try exporter={other!r} or another opset; the model must be traceable with one image input."
                 ) from exc
-            opset_used = _finalize_onnx(raw, path, _structure_json(tasks, shape), external_data)
+            opset_used = _finalize_onnx(raw, path, _structure_json(tasks, shape), external_data,
+                                        json.dumps(dict(metadata)) if metadata else None)
             export_seconds = time.perf_counter() - t0
 
         data_path = path.parent / (path.name + ".data")
@@ -643,10 +698,36 @@ def _file_size_with_data(path: Path) -> int:
     return total
 
 
+_ARGMAX_TASKS = ("seg", "semseg", "classification", "class", "cls")
+_ANGLE_TASKS = ("normals", "normal")
+
+
+def _fitting_metric(name: str, tasks: Mapping[str, Any] | None) -> str | None:
+    """The metric that fits output ``name`` (``task`` or ``task.i``) by its task, ``None`` when unknown."""
+    if not tasks:
+        return None
+    task = name.split(".", 1)[0]
+    if task not in tasks:
+        return None
+    if task in _ANGLE_TASKS:
+        return "angle_error_deg"
+    if task in _ARGMAX_TASKS or task.startswith(_ARGMAX_TASKS):
+        return "argmax_agreement"
+    return "rel_error"
+
+
+def _angle_error(f: np.ndarray, q: np.ndarray) -> float:
+    """Mean angle in degrees between float and int8 vectors along axis 1."""
+    fn = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    qn = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    return float(np.degrees(np.arccos(np.clip((fn * qn).sum(1), -1.0, 1.0))).mean())
+
+
 def _quant_stats(
-    float_outs: list[dict[str, np.ndarray]], int8_outs: list[dict[str, np.ndarray]]
+    float_outs: list[dict[str, np.ndarray]], int8_outs: list[dict[str, np.ndarray]],
+    tasks: Mapping[str, Any] | None = None,
 ) -> dict[str, OutputQuantStats]:
-    """Per-output accuracy of int8 vs float over all batches."""
+    """Per-output accuracy of int8 vs float over all batches (with the metric that fits each task)."""
     stats: dict[str, OutputQuantStats] = {}
     for name in float_outs[0]:
         abs_sum, count, max_diff, max_ref = 0.0, 0, 0.0, 0.0
@@ -666,10 +747,20 @@ def _quant_stats(
                 positions += eq.size
             else:
                 logits_like = False
+        metric = _fitting_metric(name, tasks)
+        angle = None
+        if metric == "angle_error_deg":
+            angle = float(np.mean([_angle_error(f[name].astype(np.float64), q[name].astype(np.float64))
+                                   for f, q in zip(float_outs, int8_outs)]))
+        agreement = 100.0 * agree / positions if logits_like and positions else None
+        if metric is None:
+            metric = "argmax_agreement" if agreement is not None else "rel_error"
         stats[name] = OutputQuantStats(
             mean_abs_diff=abs_sum / max(count, 1),
             rel_error=max_diff / max(max_ref, 1e-6),
-            argmax_agreement=100.0 * agree / positions if logits_like and positions else None,
+            argmax_agreement=agreement if metric == "argmax_agreement" else None,
+            angle_error_deg=angle,
+            metric=metric,
         )
     return stats
 
@@ -680,6 +771,8 @@ def quantize_int8(
     calibration: Iterable[np.ndarray],
     *,
     per_channel: bool = True,
+    force: bool = False,
+    tasks: Mapping[str, Any] | None = None,
 ) -> QuantReport:
     """Static int8 quantization (QDQ format) of an exported model, with an accuracy report.
 
@@ -689,6 +782,11 @@ def quantize_int8(
         calibration: batches ``(N, C, H, W)`` fed to the model for range calibration; the same batches are
             then used to compare int8 with float outputs. A few hundred images is typical; 1 batch works.
         per_channel: per-output-channel weight scales (better accuracy for convs).
+        force: replace an existing ``out_path``.
+        tasks: ``{task: ...}`` of the model (e.g. a checkpoint's task spec): each output is then judged by
+            the metric that fits its task (argmax agreement for segmentation/classification, mean angle
+            for normals, relative error otherwise); without it, argmax agreement for outputs with a
+            channel axis.
 
     Returns:
         :class:`QuantReport` with per-output mean abs diff, relative error and argmax agreement.
@@ -700,7 +798,7 @@ def quantize_int8(
     out_path = Path(out_path).expanduser().absolute()
     if not onnx_path.is_file():
         raise FileNotFoundError(f"ONNX model {onnx_path} not found; export it first with export_onnx()")
-    _check_output_path(out_path)
+    _check_output_path(out_path, force)
     float_session = _ort_session(onnx_path)
     if len(float_session.get_inputs()) != 1:
         raise ValueError(f"{onnx_path} has {len(float_session.get_inputs())} inputs; expected one image input")
@@ -713,7 +811,7 @@ def quantize_int8(
     use_external = float_size > EXTERNAL_DATA_THRESHOLD_BYTES
     notes: list[str] = []
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".gatedmtl-quant-") as tmp:
+    with _work_dir(out_path, "quant") as tmp:
         prepped = Path(tmp) / "prep.onnx"
         source = onnx_path
         preprocessed = False
@@ -763,7 +861,7 @@ def quantize_int8(
     return QuantReport(
         path=out_path,
         float_path=onnx_path,
-        outputs=_quant_stats(float_outs, int8_outs),
+        outputs=_quant_stats(float_outs, int8_outs, tasks),
         calibration_batches=len(batches),
         float_size_bytes=float_size,
         int8_size_bytes=_file_size_with_data(out_path),

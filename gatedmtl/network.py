@@ -65,8 +65,15 @@ class MultiTaskNet(nn.Module):
         return net.train(self.training)
 
 
-def build_backbone(name: str, *, pretrained: bool = False, checkpoint: str | Path | None = None) -> nn.Module:
-    """A timm ``features_only`` backbone; weights from timm's hub (``pretrained``) or a local file."""
+def build_backbone(name: str, *, pretrained: bool = False, checkpoint: str | Path | None = None,
+                   partial: bool = False) -> nn.Module:
+    """A timm ``features_only`` backbone; weights from timm's hub (``pretrained``) or a local file.
+
+    A local ``checkpoint`` must hold exactly the backbone's weights (same names and shapes; keys
+    of a classifier head that ``features_only`` drops are allowed). With ``partial=True`` the
+    matching weights are loaded and the rest keep their initialisation (the skipped keys are
+    printed); a file with no matching weight is refused either way.
+    """
     if name not in timm.list_models():
         close = timm.list_models(f"*{name}*")[:8]
         raise ValueError(f"unknown model {name!r}" + (f"; did you mean one of {close}?" if close else "; see timm.list_models()"))
@@ -78,11 +85,29 @@ def build_backbone(name: str, *, pretrained: bool = False, checkpoint: str | Pat
         raise
     if checkpoint is not None:
         state = load_weights(checkpoint)
-        if not set(state) & set(backbone.state_dict()):
+        own = backbone.state_dict()
+        if not set(state) & set(own):
             raise ValueError(f"{checkpoint} holds no weights for {name} (first keys: {list(state)[:3]})")
-        missing, _ = backbone.load_state_dict(state, strict=False)
+        head = ("fc.", "head.", "classifier.", "head_drop.", "pre_logits.", "conv_head.", "global_pool.")
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own and not k.startswith(head)]
+        wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                 if k in state and tuple(state[k].shape) != tuple(v.shape)]
+        problems = []
         if missing:
-            raise ValueError(f"{checkpoint} lacks {len(missing)} weights of {name}, e.g. {missing[:3]}")
+            problems.append(f"{len(missing)} weights of {name} are missing (e.g. {missing[:3]})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} keys are not in {name} (e.g. {unexpected[:3]})")
+        if wrong:
+            problems.append(f"{len(wrong)} shapes differ (e.g. {wrong[:2]})")
+        if problems and not partial:
+            raise ValueError(f"{checkpoint} does not match {name}: " + "; ".join(problems)
+                             + ". Give weights of the same architecture, or --partial-checkpoint to load the matching ones")
+        if problems:
+            print(f"partial checkpoint: {'; '.join(problems)}; loading the {len(own) - len(missing) - len(wrong)} "
+                  "matching weights", flush=True)
+        skip = {k.split(" ")[0] for k in wrong}
+        backbone.load_state_dict({k: v for k, v in state.items() if k in own and k not in skip}, strict=False)
     return backbone
 
 

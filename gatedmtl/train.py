@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -29,7 +30,8 @@ from tqdm.auto import tqdm
 
 from . import balancing
 from .budget import project_to_budget, resolve_budget, sparsity_loss, task_targets_loss
-from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, load_weights, read_meta, save_checkpoint
+from .files import check_not_special, check_output, remove_stale_temps
 from .cost import count_flops, expected_flops, predict_flops
 from .data import create_dataset
 from .network import MultiTaskNet, build_backbone, build_network, tasks_from_spec
@@ -37,7 +39,13 @@ from .gates import check_group
 from .surgery import GatedModel
 
 __all__ = ["TrainConfig", "Trainer", "evaluate", "NonFiniteLossError", "load_network", "prune_checkpoint", "ProjectionWarning",
-           "init_distributed", "finalize"]
+           "init_distributed", "finalize", "resume_config", "RESUME_OVERRIDES", "RUN_FILES"]
+
+RUN_FILES = ("last.safetensors", "prev.safetensors", "last.json", "log.jsonl", "summary.json")
+"""Files a training run writes into its ``out`` folder."""
+
+RESUME_OVERRIDES = ("epochs", "save_every", "progress", "device")
+"""Settings that may change when a run is resumed (everything else must equal the saved run's)."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -78,6 +86,7 @@ class TrainConfig:
     seed: int = 0
     out: str = "runs/exp"
     checkpoint: str | None = None
+    partial_checkpoint: bool = False  # load only the matching weights of `checkpoint`
     pretrained: bool = False
     init_task_weights: dict[str, str] = field(default_factory=dict)
     save_every: int = 0  # steps; 0: at the end of every epoch
@@ -92,9 +101,15 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
         if self.schedule not in ("cosine", "step", "constant"):
             raise ValueError(f"schedule must be 'cosine', 'step' or 'constant', got {self.schedule!r}")
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "val_length", "train_length"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps_per_epoch is not None and int(self.steps_per_epoch) < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1 (or None for a whole pass over the data), "
+                             f"got {self.steps_per_epoch}")
+        if self.save_every < 0:
+            raise ValueError(f"save_every must be >= 0 (0: at the end of every epoch), got {self.save_every}")
+        _device(self.device)
         if self.lr <= 0 or self.gate_lr <= 0:
             raise ValueError("learning rates must be positive")
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
@@ -119,11 +134,24 @@ class TrainConfig:
 
 
 def _device(spec: str) -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; anything else is an error."""
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
-    return torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {spec!r} asked for, but this machine has no CUDA GPU that torch can use; "
+                             "use --device cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {spec!r} does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"device {spec!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return device
 
 
 def init_distributed() -> tuple[int, int]:
@@ -140,6 +168,47 @@ def _dist_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a small text file of a run (refusing to replace anything but a regular file)."""
+    check_not_special(path)
+    path.write_text(text)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log records after ``step`` (written after the checkpoint that a resumed run restarts from)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        write_text(path, "".join(kept))
+
+
+def resume_config(out: str | Path, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """The saved configuration of the run in ``out`` (its ``last.safetensors``), with ``overrides``.
+
+    Only the settings in :data:`RESUME_OVERRIDES` may differ from the saved run; any other
+    override that differs raises a ``ValueError`` that names it.
+    """
+    path = Path(out) / "last.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"nothing to resume: {path} does not exist")
+    saved = read_meta(path).get("config")
+    if not isinstance(saved, Mapping):
+        raise CheckpointError(f"{path} is not a gatedmtl training checkpoint")
+    data = dict(saved)
+    for key, value in (overrides or {}).items():
+        value = json.loads(json.dumps(value))
+        if key in RESUME_OVERRIDES:
+            data[key] = value
+        elif key in data and data[key] != value:
+            raise ValueError(f"the run in {out} was trained with {key}={data[key]!r}, not {value!r}: a resumed run keeps "
+                             f"its settings (only {', '.join(RESUME_OVERRIDES)} may change); drop the flag or start "
+                             "a new run with another --out")
+    data["out"] = str(out)
+    return TrainConfig.from_json(data)
 
 
 def make_datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
@@ -175,7 +244,8 @@ def build_from_config(config: TrainConfig, task_spec: Mapping[str, Mapping[str, 
                       input_size: tuple[int, int, int], *, load_pretrained: bool = True) -> MultiTaskNet:
     """The network a run trains: backbone (+ local checkpoint), encoder arch, heads."""
     backbone = build_backbone(config.model, pretrained=config.pretrained and load_pretrained,
-                              checkpoint=config.checkpoint if load_pretrained else None)
+                              checkpoint=config.checkpoint if load_pretrained else None,
+                              partial=config.partial_checkpoint)
     task_weights = None
     if config.init_task_weights and load_pretrained:
         task_weights = {t: load_weights(p) for t, p in config.init_task_weights.items()}
@@ -206,7 +276,7 @@ class Trainer:
     returns a summary dict; ``out/last.safetensors`` is the checkpoint, ``out/log.jsonl`` the log.
     """
 
-    def __init__(self, config: TrainConfig, *, resume: bool = False,
+    def __init__(self, config: TrainConfig, *, resume: bool = False, force: bool = False,
                  datasets: tuple[Dataset, Dataset] | None = None) -> None:
         config.validate()
         self.config = config
@@ -214,6 +284,17 @@ class Trainer:
         self.device = _device(config.device)
         self.out = Path(config.out)
         self.ckpt_path = self.out / "last.safetensors"
+        self.prev_path = self.out / "prev.safetensors"
+        if self.out.exists() and not self.out.is_dir():
+            raise NotADirectoryError(f"--out {self.out} is a file; give a folder for the run")
+        if resume and not self.ckpt_path.is_file():
+            raise FileNotFoundError(f"nothing to resume: {self.ckpt_path} does not exist")
+        if not resume and self.rank == 0:
+            existing = [n for n in RUN_FILES if (self.out / n).exists()]
+            if existing and not force:
+                raise FileExistsError(f"{self.out} already holds a run ({', '.join(existing)}): pass --resume "
+                                      "(resume=True) to continue it, --force (force=True) to start over, "
+                                      "or choose another --out")
         torch.manual_seed(config.seed)
         self.train_set, self.val_set = datasets or make_datasets(config)
         self.task_spec = _task_spec(self.train_set, config.tasks)
@@ -235,8 +316,11 @@ class Trainer:
                 dist.broadcast(p, 0)
         if resume:
             self.load(self.ckpt_path)
-        elif self.ckpt_path.exists() and self.rank == 0:
-            raise FileExistsError(f"{self.ckpt_path} exists: pass resume=True (--resume) or choose another --out")
+        elif force and self.rank == 0:
+            for name in RUN_FILES:
+                target = self.out / name
+                if target.is_file():
+                    target.unlink()
 
     @property
     def gated(self) -> bool:
@@ -286,26 +370,30 @@ class Trainer:
         return tensors
 
     def meta(self) -> dict[str, Any]:
-        return {"kind": "train", "config": self.config.to_json(), "task_spec": self.task_spec,
+        return {"kind": "train", "format": 2, "tasks": list(self.config.tasks), "config": self.config.to_json(),
+                "task_spec": self.task_spec,
                 "input_size": list(self.input_size), "step": self.step, "world": self.world,
                 "history": self.history}
 
     def save(self, path: Path | None = None) -> Path | None:
         if self.rank != 0:
             return None
-        path = save_checkpoint(path or self.ckpt_path, self.state_tensors(), self.meta())
-        (path.with_suffix(".json")).write_text(json.dumps(self.meta(), indent=2))
+        target = Path(path or self.ckpt_path)
+        keep = self.prev_path if target == self.ckpt_path else None
+        path = save_checkpoint(target, self.state_tensors(), self.meta(), keep_previous=keep)
+        write_text(path.with_suffix(".json"), json.dumps(self.meta(), indent=2))
         return path
 
     def load(self, path: Path) -> None:
         tensors, meta = load_checkpoint(path)
         saved = meta.get("config", {})
-        for key in ("model", "tasks", "arch", "data"):
-            mine = getattr(self.config, key)
-            theirs = tuple(saved.get(key, ())) if key == "tasks" else saved.get(key)
-            if (tuple(mine) if key == "tasks" else mine) != theirs:
-                raise CheckpointError(f"{path} is a checkpoint of {key}={theirs!r}, this run has {key}={mine!r}; "
-                                      "resume with the same settings or choose another --out")
+        mine_all = self.config.to_json()
+        for key, theirs in saved.items():
+            if key in RESUME_OVERRIDES or key not in mine_all or mine_all[key] == theirs:
+                continue
+            raise CheckpointError(f"{path} is a checkpoint of {key}={theirs!r}, this run has {key}={mine_all[key]!r}; "
+                                  f"resume with the saved settings (only {', '.join(RESUME_OVERRIDES)} may change) "
+                                  "or choose another --out")
         model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         try:
             self.net.load_state_dict(model_state, strict=True)
@@ -325,6 +413,8 @@ class Trainer:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         self.step = int(meta["step"])
         self.history = list(meta.get("history", []))
+        if self.rank == 0:
+            _truncate_log(self.out / "log.jsonl", self.step)
 
     # ---------------------------------------------------------------- training
     def _losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -363,10 +453,16 @@ class Trainer:
         losses = self._losses(batch)
         for t, value in losses.items():
             if not torch.isfinite(value):
+                if self.ckpt_path.is_file():
+                    saved = read_meta(self.ckpt_path).get("step")
+                    kept = (f"The last good checkpoint is {self.ckpt_path} (step {saved})"
+                            + (f", the one before it {self.prev_path}" if self.prev_path.is_file() else "") + ".")
+                else:
+                    kept = ("No checkpoint was written yet (the first is saved at the end of epoch 1, or every "
+                            "--save-every steps).")
                 raise NonFiniteLossError(
                     f"the loss of task '{t}' is {value.item()} at step {self.step} (epoch {epoch}); training stopped. "
-                    f"The last good checkpoint is kept at {self.ckpt_path}. Lower --lr, check the labels of '{t}', "
-                    "or try --balance with a log-loss strategy.")
+                    f"{kept} Lower --lr, check the labels of '{t}', or try --balance with a log-loss strategy.")
         self.optimizer.zero_grad(set_to_none=True)
         weights = self.strategy.backward(losses, self.net.encoder_parameters(), self.net.head_parameters(),
                                          step=self.step, epoch=epoch)
@@ -416,6 +512,9 @@ class Trainer:
         log = open(self.out / "log.jsonl", "a") if self.rank == 0 else None
         start = time.perf_counter()
         total = c.epochs * self.steps_per_epoch
+        remove_stale_temps(self.out)
+        if self.step and self.rank == 0:
+            print(f"resuming {self.out} from step {self.step} of {total}", flush=True)
         bar = tqdm(total=total, initial=self.step, disable=not c.progress or self.rank != 0, desc="train",
                    dynamic_ncols=True)
         try:
@@ -450,22 +549,25 @@ class Trainer:
                 log.close()
         return {"steps": self.step, "seconds": time.perf_counter() - start}
 
-    def evaluate(self, net: nn.Module | None = None, dataset: Dataset | None = None) -> dict[str, dict[str, float]]:
-        return evaluate(net or self.net, dataset or self.val_set, self.tasks, self.config.batch_size, self.device)
+    def evaluate(self, net: nn.Module | None = None, dataset: Dataset | None = None,
+                 desc: str = "eval") -> dict[str, dict[str, float]]:
+        return evaluate(net or self.net, dataset or self.val_set, self.tasks, self.config.batch_size, self.device,
+                        progress=self.config.progress and self.rank == 0, desc=desc)
 
     def finalize(self) -> tuple[MultiTaskNet, dict[str, Any]]:
         """Project the gates onto the budget, prune, and measure the lean encoder with fvcore."""
-        return finalize(self.net, self.budget_flops, self.input_size)
+        return finalize(self.net, self.budget_flops, self.input_size, progress=self.config.progress)
 
 
 @torch.no_grad()
 def evaluate(net: nn.Module, dataset: Dataset, tasks: Mapping[str, Any], batch_size: int = 8,
-             device: torch.device | str = "cpu", progress: bool = False) -> dict[str, dict[str, float]]:
+             device: torch.device | str = "cpu", progress: bool = False,
+             desc: str = "eval") -> dict[str, dict[str, float]]:
     """Per-task metrics of ``net`` on ``dataset`` (eval mode)."""
     was = net.training
     net.eval()
     metrics = {t: task.metrics() for t, task in tasks.items()}
-    for batch in tqdm(DataLoader(dataset, batch_size=batch_size), desc="eval", disable=not progress, leave=False):
+    for batch in tqdm(DataLoader(dataset, batch_size=batch_size), desc=desc, disable=not progress, leave=False):
         out = net(batch["image"].to(device))
         for t, m in metrics.items():
             m.update(out[t].float().cpu(), batch[t])
@@ -480,11 +582,18 @@ class ProjectionWarning(UserWarning):
     """Training ended far from the budget, so the projection before pruning changed many gates."""
 
 
-def finalize(net: MultiTaskNet, budget_flops: float | None, input_size: Sequence[int]) -> tuple[MultiTaskNet, dict[str, Any]]:
+def _stage(progress: bool, text: str) -> None:
+    if progress:
+        tqdm.write(text, file=sys.stderr)
+
+
+def finalize(net: MultiTaskNet, budget_flops: float | None, input_size: Sequence[int],
+             progress: bool = False) -> tuple[MultiTaskNet, dict[str, Any]]:
     """Project ``net``'s gates onto ``budget_flops`` (if given), prune, and report FLOPs."""
     if not isinstance(net.encoder, GatedModel):
         raise TypeError("only a gated network can be finalised")
     enc = net.encoder
+    _stage(progress, "projecting the gates onto the budget ...")
     report: dict[str, Any] = {"before_projection": predict_flops(enc, (1, *input_size))}
     if budget_flops is not None:
         report["requested"] = budget_flops
@@ -501,7 +610,9 @@ def finalize(net: MultiTaskNet, budget_flops: float | None, input_size: Sequence
                 f"({changed / total:.1%}); the lean model can lose accuracy against the trained one. Train longer "
                 "or raise --lambda-s (with --budget-mode target) so that training ends on the budget.",
                 ProjectionWarning, stacklevel=2)
+    _stage(progress, "pruning the closed gates away ...")
     lean = net.pruned().eval()
+    _stage(progress, "counting the lean model's FLOPs (fvcore) ...")
     report["landed"] = count_flops(lean.encoder, (1, *input_size))
     if budget_flops is not None:
         report["error"] = report["landed"] / budget_flops - 1
@@ -509,10 +620,25 @@ def finalize(net: MultiTaskNet, budget_flops: float | None, input_size: Sequence
 
 
 # -------------------------------------------------------------------- saved networks
-def _net_from_meta(meta: Mapping[str, Any]) -> tuple[MultiTaskNet, TrainConfig, tuple[int, int, int]]:
+def _ordered_task_spec(meta: Mapping[str, Any], path: str | Path) -> dict[str, dict[str, Any]]:
+    """The task spec in the order of the run's tasks: slot ``t + 1`` of the encoder is task ``t``."""
+    spec = meta["task_spec"]
+    tasks = list(meta["config"].get("tasks") or [])
+    if meta.get("tasks") is not None and list(meta["tasks"]) != tasks:
+        raise CheckpointError(f"{path}: the task order {meta['tasks']} does not match its configuration {tasks}; "
+                              "the file is inconsistent, its branches cannot be matched to tasks")
+    if not isinstance(spec, Mapping) or sorted(spec) != sorted(tasks):
+        raise CheckpointError(f"{path}: its tasks {tasks} do not match its task descriptions "
+                              f"{sorted(spec) if isinstance(spec, Mapping) else spec!r}; its branches cannot be matched to tasks")
+    return {t: dict(spec[t]) for t in tasks}
+
+
+def _net_from_meta(meta: Mapping[str, Any], path: str | Path = "checkpoint") -> tuple[MultiTaskNet, TrainConfig, tuple[int, int, int]]:
     config = TrainConfig.from_json(meta["config"])
     size = tuple(meta["input_size"])
-    net = build_from_config(config, meta["task_spec"], size, load_pretrained=False)
+    net = build_from_config(config, _ordered_task_spec(meta, path), size, load_pretrained=False)
+    if net.tasks != tuple(config.tasks):
+        raise CheckpointError(f"{path}: rebuilt tasks {net.tasks} differ from the run's {config.tasks}")
     return net, config, size
 
 
@@ -521,7 +647,7 @@ def load_network(path: str | Path) -> tuple[MultiTaskNet, dict[str, Any]]:
     tensors, meta = load_checkpoint(path)
     if "config" not in meta or "task_spec" not in meta:
         raise CheckpointError(f"{path} is not a gatedmtl training or lean checkpoint")
-    net, _, _ = _net_from_meta(meta)
+    net, _, _ = _net_from_meta(meta, path)
     if meta.get("kind") == "lean":
         enc = net.encoder
         with torch.no_grad():
@@ -542,8 +668,13 @@ def load_network(path: str | Path) -> tuple[MultiTaskNet, dict[str, Any]]:
     return net.eval(), meta
 
 
-def prune_checkpoint(path: str | Path, out: str | Path, budget: str | None = None) -> dict[str, Any]:
-    """Load a gated training checkpoint, project onto its budget (or ``budget``), prune, save lean."""
+def prune_checkpoint(path: str | Path, out: str | Path, budget: str | None = None, *, force: bool = False,
+                     progress: bool = False) -> dict[str, Any]:
+    """Load a gated training checkpoint, project onto its budget (or ``budget``), prune, save lean.
+
+    ``out`` must not be ``path`` and must not exist unless ``force``.
+    """
+    check_output(out, inputs=[path], force=force)
     net, meta = load_network(path)
     if meta.get("kind") == "lean":
         raise ValueError(f"{path} is already a lean checkpoint")
@@ -552,7 +683,7 @@ def prune_checkpoint(path: str | Path, out: str | Path, budget: str | None = Non
     size = tuple(meta["input_size"])
     spec = budget if budget is not None else meta["config"].get("budget")
     budget_flops = resolve_budget(net.encoder, spec, size) if spec is not None else None
-    lean, report = finalize(net, budget_flops, size)
+    lean, report = finalize(net, budget_flops, size, progress=progress)
     tensors = {f"model.{k}": v for k, v in lean.state_dict().items()}
     for gate in net.encoder.gates():
         tensors[f"mask.{gate.name}"] = gate.open_mask().to(torch.uint8)

@@ -82,6 +82,22 @@ class VerifyReport:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self) | {"worst_prune_error": self.worst_prune_error, "worst_flop_error": self.worst_flop_error}
 
+    def table(self, name: str = "model") -> str:
+        """Markdown: one row per gate pattern (prune parity, predicted vs fvcore FLOPs of the lean model)."""
+        lines = [f"## verify {name}: {self.gates} gated layers, convert error {self.convert_error:.2e} "
+                 f"({self.seconds:.1f} s)", "",
+                 "FLOPs: fvcore multiply-adds per image.", "",
+                 "| gate pattern | lean vs gated rel. error | predicted GFLOPs | lean GFLOPs (fvcore) | FLOP error |",
+                 "|---|---:|---:|---:|---:|"]
+        for key, err in self.prune_error.items():
+            pred, lean = self.flops_predicted.get(key), self.flops_lean.get(key)
+            flop = (f"{pred / 1e9:.4f} | {lean / 1e9:.4f} | {abs(pred - lean) / max(lean, 1):.2%}"
+                    if pred is not None and lean is not None else "- | - | -")
+            lines.append(f"| {key} | {err:.2e} | {flop} |")
+        if self.flops_backbone:
+            lines += ["", f"plain backbone: {self.flops_backbone / 1e9:.4f} GFLOPs"]
+        return "\n".join(lines)
+
 
 def verify(backbone: nn.Module, tasks: Sequence[str] = ("a", "b", "c"), input_size: tuple[int, ...] | None = None,
            patterns: Sequence[str | float] = GATE_PATTERNS, batch: int = 2, seed: int = 0,
