@@ -7,8 +7,12 @@ Copy this file next to ``model.onnx`` on the device; no torch, no gatedmtl.
 CLI::
 
     python run.py model.onnx --input image.png|array.npy|random [--batch N] [--threads N]
-                  [--warmup 5] [--runs 50] [--json out.json] [--no-normalize] [--size HxW]
-                  [--providers CPUExecutionProvider]
+                  [--warmup 5] [--runs 50] [--json out.json] [--save out.npz] [--force]
+                  [--no-normalize] [--size HxW] [--providers CPUExecutionProvider]
+
+``--save out.npz`` writes every output array, and a PNG map per dense task next to it
+(``out.<task>.png``: class colours for segmentation, grey levels for depth, RGB for normals).
+Images are standardised with the mean/std that gatedmtl stored in the model (ImageNet's when absent).
 
 Library::
 
@@ -44,6 +48,9 @@ __all__ = [
     "load_input",
     "load_session",
     "read_structure",
+    "read_runner_metadata",
+    "save_outputs",
+    "dense_map",
     "run_model",
     "time_session",
 ]
@@ -52,6 +59,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 METADATA_KEY = "gatedmtl.structure"  # JSON written by gatedmtl.export.export_onnx
+RUNNER_METADATA_KEY = "gatedmtl.runner"  # normalisation and task descriptions, also from export_onnx
 
 _ORT_DTYPES = {
     "tensor(float)": np.float32,
@@ -140,6 +148,15 @@ def read_structure(session) -> dict[str, Any] | None:
         return None
 
 
+def read_runner_metadata(session) -> dict[str, Any]:
+    """Normalisation (``{"normalization": {"mean", "std"}}``) and tasks that gatedmtl stored; ``{}`` if none."""
+    raw = session.get_modelmeta().custom_metadata_map.get(RUNNER_METADATA_KEY)
+    try:
+        return json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        return {}
+
+
 def group_outputs(outputs: dict[str, np.ndarray], structure: dict[str, Any] | None) -> dict[str, Any]:
     """Rebuild ``{task: array | list[array]}`` from flat named outputs (identity if ``structure`` is None)."""
     if not structure:
@@ -201,6 +218,11 @@ def check_input(session, array: np.ndarray) -> np.ndarray:
 def _spatial_size(session, size: tuple[int, int] | None) -> tuple[int, int]:
     """Model input H, W (``size`` overrides; required when the model's H/W are dynamic)."""
     shape = list(_single_input(session).shape)
+    static = len(shape) == 4 and all(isinstance(d, int) and d > 0 for d in shape[2:])
+    if size is not None and static and tuple(size) != tuple(shape[2:]):
+        raise RunnerError(f"the model has a fixed input size {shape[2]}x{shape[3]}; --size {size[0]}x{size[1]} "
+                          "applies only to models with a dynamic height/width: drop it (images are resized to the "
+                          "model's size)")
     if size is not None:
         return size
     if len(shape) != 4:
@@ -217,11 +239,14 @@ def _channels(session) -> int:
     return c if isinstance(c, int) and c > 0 else 3
 
 
-def load_image(path: str | os.PathLike, channels: int, size: tuple[int, int], normalize: bool = True) -> np.ndarray:
+def load_image(path: str | os.PathLike, channels: int, size: tuple[int, int], normalize: bool = True,
+               mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+               notes: list[str] | None = None) -> np.ndarray:
     """Read an image file into a ``(1, C, H, W)`` float32 array.
 
-    Resized (bilinear) to ``size`` = (H, W); scaled to [0, 1]; with ``normalize`` then standardised with the
-    ImageNet mean/std (grey images: the channel averages). ``channels`` must be 1 or 3.
+    Resized (bilinear) to ``size`` = (H, W), with a line in ``notes`` when the size changes; scaled to
+    [0, 1]; with ``normalize`` then standardised with ``mean``/``std`` (default: ImageNet's; grey images:
+    the channel averages). ``channels`` must be 1 or 3.
     """
     try:
         from PIL import Image
@@ -233,15 +258,20 @@ def load_image(path: str | os.PathLike, channels: int, size: tuple[int, int], no
         raise RunnerError(f"the model takes {channels} channels; images give 1 or 3, pass a .npy array instead")
     try:
         with Image.open(path) as img:
+            if img.size != (size[1], size[0]) and notes is not None:
+                notes.append(f"resized the image from {img.size[1]}x{img.size[0]} to the model's {size[0]}x{size[1]} "
+                             "(HxW, bilinear, aspect ratio not kept)")
             img = img.convert("RGB" if channels == 3 else "L").resize((size[1], size[0]), Image.BILINEAR)
             pixels = np.asarray(img, dtype=np.float32) / 255.0
     except (OSError, ValueError) as exc:
         raise RunnerError(f"cannot read image {path}: {_first_line(exc)}") from exc
     pixels = pixels.reshape(size[0], size[1], channels)
     if normalize:
-        mean = np.array(IMAGENET_MEAN if channels == 3 else [np.mean(IMAGENET_MEAN)], dtype=np.float32)
-        std = np.array(IMAGENET_STD if channels == 3 else [np.mean(IMAGENET_STD)], dtype=np.float32)
-        pixels = (pixels - mean) / std
+        mean = list(mean or IMAGENET_MEAN)
+        std = list(std or IMAGENET_STD)
+        m = np.array(mean if channels == len(mean) else [np.mean(mean)] * channels, dtype=np.float32)
+        sd = np.array(std if channels == len(std) else [np.mean(std)] * channels, dtype=np.float32)
+        pixels = (pixels - m) / sd
     return np.ascontiguousarray(pixels.transpose(2, 0, 1)[None])
 
 
@@ -261,6 +291,7 @@ def load_input(
     size: tuple[int, int] | None = None,
     normalize: bool = True,
     seed: int = 0,
+    notes: list[str] | None = None,
 ) -> np.ndarray:
     """Build the input batch from ``spec``: ``"random"``, a ``.npy`` file or an image file.
 
@@ -275,6 +306,8 @@ def load_input(
         raise RunnerError(f"--batch must be >= 1, got {batch}")
     inp = _single_input(session)
     rank = len(inp.shape)
+    if size is not None and rank == 4:
+        _spatial_size(session, size)  # refuses a --size that a fixed-size model would ignore
     if spec == "random":
         shape = []
         for i, d in enumerate(inp.shape):
@@ -302,7 +335,9 @@ def load_input(
             array = array[None]
         return check_input(session, _with_batch(array, batch, str(path)))
     if suffix in IMAGE_SUFFIXES:
-        image = load_image(path, _channels(session), _spatial_size(session, size), normalize)
+        norm = read_runner_metadata(session).get("normalization") or {}
+        image = load_image(path, _channels(session), _spatial_size(session, size), normalize,
+                           norm.get("mean"), norm.get("std"), notes)
         return check_input(session, _with_batch(image, batch, str(path)))
     raise RunnerError(f"unsupported input {spec!r}: use an image ({', '.join(sorted(IMAGE_SUFFIXES))}), "
                       "a .npy file or 'random'")
@@ -405,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5, help="untimed warm-up runs (default 5)")
     p.add_argument("--runs", type=int, default=50, help="timed runs (default 50; 0 = no benchmark)")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    p.add_argument("--save", type=Path, default=None,
+                   help="write the outputs to this .npz file, and a PNG map per dense task next to it")
+    p.add_argument("--force", action="store_true", help="overwrite existing --json / --save files")
     p.add_argument("--no-normalize", action="store_true",
                    help="images: only scale to [0, 1], skip the ImageNet mean/std normalisation")
     p.add_argument("--size", type=_parse_size, default=None, help="image/random H x W for models with dynamic H/W")
@@ -450,13 +488,78 @@ def _print_report(report: dict[str, Any]) -> None:
         )
 
 
+def _check_new(path: Path, force: bool) -> None:
+    if path.exists() and not path.is_file():
+        raise RunnerError(f"{path} exists and is not a regular file; give a file path")
+    if path.exists() and not force:
+        raise RunnerError(f"{path} exists; pass --force to overwrite it")
+    if not path.parent.is_dir():
+        raise RunnerError(f"folder {path.parent} does not exist")
+
+
+_PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
+                     [0, 128, 128], [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0]], dtype=np.uint8)
+
+
+def dense_map(array: np.ndarray, kind: str | None = None) -> np.ndarray | None:
+    """An ``(H, W, 3)`` uint8 picture of the first sample of a dense ``(N, C, H, W)`` output, or ``None``.
+
+    ``kind``: ``"seg"`` (argmax class colours), ``"depth"`` (grey, near = bright), ``"normals"``
+    (``(n + 1) / 2`` as RGB); guessed from ``C`` when ``None`` (1: depth, 3: normals, else seg).
+    """
+    if array.ndim != 4 or array.shape[2] < 2 or array.shape[3] < 2:
+        return None
+    x = np.asarray(array[0], dtype=np.float32)
+    kind = kind or ("depth" if x.shape[0] == 1 else "normals" if x.shape[0] == 3 else "seg")
+    if kind == "depth" or x.shape[0] == 1:
+        d = x[0]
+        lo, hi = float(np.nanmin(d)), float(np.nanmax(d))
+        grey = (255 * (1 - (d - lo) / max(hi - lo, 1e-12))).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if kind == "normals" and x.shape[0] == 3:
+        n = x / np.maximum(np.linalg.norm(x, axis=0, keepdims=True), 1e-12)
+        return ((n.transpose(1, 2, 0) + 1) * 127.5).clip(0, 255).astype(np.uint8)
+    return _PALETTE[np.argmax(x, axis=0) % len(_PALETTE)]
+
+
+def save_outputs(path: Path, outputs: dict[str, np.ndarray], meta: dict[str, Any], force: bool = False) -> list[Path]:
+    """Write ``outputs`` to ``path`` (.npz) and one PNG per dense output (``path.<name>.png``); the paths written."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise RunnerError(f"--save {path} should be an .npz file")
+    pictures = {}
+    for name, value in outputs.items():
+        task = name.split(".", 1)[0]
+        kind = task if task in ("seg", "depth", "normals") else None
+        picture = dense_map(np.asarray(value), kind)
+        if picture is not None:
+            pictures[path.with_name(f"{path.stem}.{name}.png")] = picture
+    for target in [path, *pictures]:
+        _check_new(target, force)
+    np.savez(path, **{k: np.asarray(v) for k, v in outputs.items()})
+    written = [path]
+    if pictures:
+        try:
+            from PIL import Image
+        except ImportError as exc:
+            raise RunnerError("PNG maps need Pillow (pip install pillow); the .npz file was written") from exc
+        for target, picture in pictures.items():
+            Image.fromarray(picture).save(target)
+            written.append(target)
+    return written
+
+
 def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     """Load, run once, benchmark; returns the JSON-able report."""
     if args.runs < 0 or args.warmup < 0:
         raise RunnerError("--runs and --warmup must be >= 0")
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     session = load_session(args.model, args.threads, providers)
-    array = load_input(args.input, session, args.batch, args.size, normalize=not args.no_normalize)
+    notes: list[str] = []
+    array = load_input(args.input, session, args.batch, args.size, normalize=not args.no_normalize, notes=notes)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     outputs = _run(session, array)
     structure = read_structure(session)
     report: dict[str, Any] = {
@@ -466,7 +569,10 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
         "outputs": _output_summary(outputs),
         "tasks": {t["task"]: t["outputs"] for t in structure["tasks"]} if structure else None,
         "latency": None,
+        "notes": notes,
     }
+    if args.save is not None:
+        report["saved"] = [str(p) for p in save_outputs(args.save, outputs, read_runner_metadata(session), args.force)]
     if args.runs > 0:
         lat: dict[str, Any] = dict(time_session(session, array, args.warmup, args.runs))
         lat["threads"] = _threads_label(args.threads)
@@ -481,6 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = run_cli(args)
         _print_report(report)
         if args.json is not None:
+            _check_new(args.json, args.force)
             try:
                 args.json.write_text(json.dumps(report, indent=2) + "\n")
             except OSError as exc:

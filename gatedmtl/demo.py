@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from .export import export_onnx
 from .network import MultiTaskNet
 from .profile import onnx_latency
 from .tasks import delta_mtl
-from .train import TrainConfig, Trainer, evaluate
+from .train import RUN_FILES, TrainConfig, Trainer, evaluate
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -41,12 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", default="64x96")
     p.add_argument("--train-length", type=int, default=384)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--out", default="runs/demo", help="output folder (replaced)")
+    p.add_argument("--out", default="runs/demo", help="output folder (an earlier demo's files in it are replaced)")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
-    if out.exists():
-        shutil.rmtree(out)
+    _clear_demo_folder(out)
     h, w = (int(v) for v in args.image_size.split("x"))
     config = TrainConfig(model=args.model, tasks=("seg", "depth", "normals"), image_size=(h, w),
                          train_length=args.train_length, val_length=96, budget=args.budget, epochs=args.epochs,
@@ -108,6 +106,24 @@ def main(argv: list[str] | None = None) -> int:
     (out / "demo.json").write_text(json.dumps(summary, indent=2))
     print(f"done in {summary['seconds']:.0f} s; results in {out}/ (demo.json, log.jsonl, lean.onnx)")
     return 0
+
+
+DEMO_FILES = (*RUN_FILES, "demo.json", "lean.onnx", "lean.onnx.data", "hard_sharing.onnx", "hard_sharing.onnx.data")
+
+
+def _clear_demo_folder(out: Path) -> None:
+    """Remove an earlier demo's files from ``out``; refuse a folder that holds anything else."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise SystemExit(f"error: --out {out} is a file, not a folder")
+    foreign = [p.name for p in out.iterdir() if p.name not in DEMO_FILES and not p.name.startswith(".")]
+    if foreign:
+        raise SystemExit(f"error: {out} holds files that the demo did not write ({', '.join(sorted(foreign)[:5])}); "
+                         "give another --out")
+    for name in DEMO_FILES:
+        if (out / name).is_file():
+            (out / name).unlink()
 
 
 def _plain_backbone(trainer: Trainer) -> torch.nn.Module:

@@ -36,7 +36,7 @@ def check_not_special(path: str | Path) -> None:
     path = Path(path)
     try:
         mode = os.lstat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return
     if stat.S_ISLNK(mode):
         raise OutputError(f"{path} is a symbolic link; gatedmtl only replaces regular files: give another output path")

@@ -470,17 +470,22 @@ def _shape(text: str) -> tuple[int, ...]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gatedmtl profile",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="FLOPs, params, per-slot/per-layer tables and ONNX Runtime CPU latency of a timm backbone, "
-                    "its gated model (random gates at --density, for demonstration) and the lean model it prunes to.")
-    p.add_argument("model", help="timm model name (built with pretrained=False)")
-    p.add_argument("--tasks", default="seg,depth,normals", help="comma-separated task names")
+                    "its gated model (random gates at --density, for demonstration) and the lean model it prunes to; "
+                    "or of a checkpoint (gated: with its trained gates; lean). FLOPs are fvcore's count: one "
+                    "multiply-add = one FLOP (what timm and most papers call MACs).")
+    p.add_argument("model", help="timm model name (built with pretrained=False), or a .safetensors checkpoint "
+                                 "written by gatedmtl train / prune")
+    p.add_argument("--tasks", default="seg,depth,normals", help="comma-separated task names (timm model only)")
     p.add_argument("--density", type=float, default=0.5,
                    help="fraction of channels each task opens, at random (0 = all closed, 1 = all open)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random gates")
     p.add_argument("--input", type=_shape, default=None,
                    help="B,C,H,W, C,H,W or HxW (default: batch 1 at timm's input size)")
     p.add_argument("--features-only", action="store_true", help="build the timm model with features_only=True")
-    p.add_argument("--json", default=None, help="write the three profiles to this JSON file")
+    p.add_argument("--json", default=None, help="also write the profiles to this JSON file")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.add_argument("--no-latency", action="store_true", help="skip the ONNX export and ORT timing")
     p.add_argument("--threads", type=int, default=1, help="ORT intra-op threads")
     p.add_argument("--runs", type=int, default=20, help="timed ORT runs (after 3 warm-up runs)")
@@ -491,36 +496,76 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``gatedmtl profile MODEL [options]`` (``argv``: the arguments after ``profile``)."""
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        import timm
+        if args.json:
+            from .files import check_output
 
-        from .surgery import convert, default_input_size
-        from .verify import set_gates
-
-        if not 0.0 <= args.density <= 1.0:
-            raise ValueError(f"--density must lie in [0, 1], got {args.density}")
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        if args.model not in timm.list_models():
-            close = timm.list_models(f"*{args.model}*")[:8]
-            raise ValueError(f"unknown timm model {args.model!r}" + (f"; did you mean one of {close}?" if close else ""))
-        kwargs = {"features_only": True} if args.features_only else {}
-        backbone = timm.create_model(args.model, pretrained=False, **kwargs).eval()
-        shape = args.input or (1, *default_input_size(backbone))
-        gated = convert(backbone, tasks, input_size=shape[1:]).eval()
-        set_gates(gated, args.density, torch.Generator().manual_seed(args.seed))
-        lean = prune(gated).eval()
-        opts = dict(latency=not args.no_latency, threads=args.threads, runs=args.runs)
-        profiles = [profile(backbone, shape, **opts), profile(gated, shape, latency=False),
-                    profile(lean, shape, **opts)]
-    except (ValueError, TypeError, RuntimeError) as e:
+            check_output(args.json, force=args.force)
+        if Path(args.model).suffix == ".safetensors" or Path(args.model).is_file():
+            profiles = _checkpoint_profiles(args)
+        else:
+            profiles = _timm_profiles(args)
+    except (ValueError, TypeError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(compare(profiles))
-    print(profiles[1].table())
-    print(profiles[2].table())
+    for prof in profiles[1:]:
+        print(prof.table())
     if args.json:
         Path(args.json).write_text(json.dumps({p.kind: p.as_dict() for p in profiles}, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def _checkpoint_profiles(args: argparse.Namespace) -> list[Profile]:
+    """Backbone, gated (trained gates, as saved) and lean profiles of a training or lean checkpoint."""
+    from .cost import shared_branch
+    from .train import load_network
+
+    net, meta = load_network(args.model)
+    encoder = net.encoder
+    if not isinstance(encoder, (GatedModel, LeanModel)):
+        raise ValueError(f"{args.model} is a hard-sharing ('shared' arch) run: its encoder is the plain "
+                         f"{meta['config']['model']}; profile the timm model by name instead")
+    shape = args.input or (1, *meta["input_size"])
+    opts = dict(latency=not args.no_latency, threads=args.threads, runs=args.runs)
+    if isinstance(encoder, GatedModel):
+        backbone = shared_branch(encoder)
+        return [profile(backbone, shape, **opts), profile(encoder, shape, latency=False),
+                profile(prune(encoder).eval(), shape, **opts)]
+    return [_plain_of_lean(meta, shape, opts), profile(encoder, shape, **opts)]
+
+
+def _plain_of_lean(meta: dict[str, Any], shape: tuple[int, ...], opts: dict[str, Any]) -> Profile:
+    import timm
+
+    backbone = timm.create_model(meta["config"]["model"], pretrained=False, features_only=True).eval()
+    return profile(backbone, shape, **opts)
+
+
+def _timm_profiles(args: argparse.Namespace) -> list[Profile]:
+    import timm
+
+    from .surgery import convert, default_input_size
+    from .tasks import available_tasks
+    from .verify import set_gates
+
+    if not 0.0 <= args.density <= 1.0:
+        raise ValueError(f"--density must lie in [0, 1], got {args.density}")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in available_tasks()]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; known tasks: {', '.join(available_tasks())}")
+    if args.model not in timm.list_models():
+        close = timm.list_models(f"*{args.model}*")[:8]
+        raise ValueError(f"unknown timm model {args.model!r}" + (f"; did you mean one of {close}?" if close else ""))
+    kwargs = {"features_only": True} if args.features_only else {}
+    backbone = timm.create_model(args.model, pretrained=False, **kwargs).eval()
+    shape = args.input or (1, *default_input_size(backbone))
+    gated = convert(backbone, tasks, input_size=shape[1:]).eval()
+    set_gates(gated, args.density, torch.Generator().manual_seed(args.seed))
+    lean = prune(gated).eval()
+    opts = dict(latency=not args.no_latency, threads=args.threads, runs=args.runs)
+    return [profile(backbone, shape, **opts), profile(gated, shape, latency=False), profile(lean, shape, **opts)]
 
 
 if __name__ == "__main__":
