@@ -422,10 +422,24 @@ def _profile_lean(model: LeanModel, shape: tuple[int, ...]) -> Profile:
     total = count_flops(model, shape)
     params = count_params(model)
     slot_rows = [SlotStats(names[s], slot_params[s], slot_flops[s], s in model.slots) for s in range(model.num_slots)]
-    return Profile(name="", kind="lean", input_shape=shape, tasks=model.tasks, flops=total, params=params,
+    prof = Profile(name="", kind="lean", input_shape=shape, tasks=model.tasks, flops=total, params=params,
                    slot_independent_flops=total - sum(slot_flops),
                    slot_independent_params=params - sum(slot_params), slots=slot_rows,
                    layers=_lean_layers(model), ungated=ungated_rows, computed_slots=tuple(model.slots))
+    prof.notes.append(_execution_note(model))
+    return prof
+
+
+def _execution_note(model: LeanModel) -> str:
+    """How the lean model runs its slots: per-slot streams, folded on the batch axis (and why), or one slot."""
+    if len(model.slots) == 1:
+        return "one slot computed: the lean model is the plain backbone"
+    if model.streams:
+        return "slots run as per-slot streams (no slot split or concat at any layer)"
+    if model.task_networks is not None:
+        return "every gate open: one plain network per task"
+    return ("slots run FOLDED on the batch axis at every layer (a split and a concat of the slots per gated layer): "
+            f"per-slot streams could not run this backbone ({model.folded_reason or 'disabled'})")
 
 
 def compare(profiles: Sequence[Profile]) -> str:

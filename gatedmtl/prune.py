@@ -27,6 +27,9 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from .slots import SlotModule, _batch_dim_in, _merge
+from .streams import Streams, StreamsError, distinct, merge_streams, split_streams
+from .streams import _count as _count_streams
+from .streams import _pick as _pick_stream
 from .surgery import GatedModel, _parents
 
 __all__ = ["prune", "LeanModel", "LeanGatedLayer", "LeanSlotModule", "prune_out_channels", "computed_slots"]
@@ -195,15 +198,26 @@ class LeanGatedLayer(nn.Module):
             x = x.index_select(1, idx)
         return self.branches[s](x)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor | Streams) -> Tensor | Streams:
+        if isinstance(x, Streams):  # per-slot streams: no split, no concat of the slots
+            return Streams(distinct(self.forward_slots(x.tensors)))
         if len(self.slots) == 1:  # one slot computed: its branch has every channel
             return self._branch(self.slots[0], x)
         computed = [i for i, s in enumerate(self.slots) if self.present[s]]
         chunks = _slot_chunks(x, len(self.slots), computed)
+        return torch.cat(self.forward_slots([chunks.get(i) for i in range(len(self.slots))]), 0)
+
+    def forward_slots(self, inputs: Sequence[Tensor | None]) -> list[Tensor]:
+        """``inputs[i]``: the input of slot ``slots[i]`` (``None`` where that slot's branch is absent).
+
+        Returns the layer's output for each slot in ``slots``, in the same order.
+        """
+        if len(self.slots) == 1:
+            return [self._branch(self.slots[0], inputs[0])]
         outs: list[Tensor | None] = [None] * self.num_slots
-        for i in computed:
-            s = self.slots[i]
-            outs[s] = self._branch(s, chunks[i])
+        for i, s in enumerate(self.slots):
+            if self.present[s]:
+                outs[s] = self._branch(s, inputs[i])
         shared = outs[0]
         dim = self.channel_dim
         pool = torch.cat([outs[s] for s in self.pool_slots], dim=dim) if self.pool_slots else None
@@ -215,8 +229,7 @@ class LeanGatedLayer(nn.Module):
                 full.append(shared)
             else:
                 full.append(pool.index_select(dim, getattr(self, f"restore_{t}")))
-        pieces = [self._mixed(shared, full) if s == 0 else full[s - 1] for s in self.slots]
-        return torch.cat(pieces, 0)
+        return [self._mixed(shared, full) if s == 0 else full[s - 1] for s in self.slots]
 
     def _mixed(self, shared: Tensor | None, full: list[Tensor]) -> Tensor:
         if self.mix == "shared":
@@ -245,6 +258,11 @@ class LeanSlotModule(SlotModule):
     """
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        n = _count_streams((args, kwargs))
+        if n is not None:  # per-slot streams: stream i runs copy ``stream_slots[i]``
+            slots = getattr(self, "stream_slots", None) or tuple(range(self.num_slots))
+            per_slot = [self.slots[s](*_pick_stream(args, i), **_pick_stream(kwargs, i)) for i, s in enumerate(slots)]
+            return merge_streams(per_slot)
         x = args[0] if len(args) == 1 and not kwargs else None
         if not isinstance(x, Tensor) or x.dim() < 2 or _batch_dim_in(self.slots[0], 0) != 0:
             return super().forward(*args, **kwargs)
@@ -281,6 +299,8 @@ class LeanModel(nn.Module):
         self.input_size = tuple(input_size)
         self.slots = tuple(slots) if slots is not None else tuple(range(len(self.tasks) + 1))
         self.task_networks: nn.ModuleList | None = None
+        self.streams = False  # run the computed slots as per-slot streams instead of folding them
+        self.folded_reason: str | None = None  # why the streams could not run this backbone
 
     @property
     def num_slots(self) -> int:
@@ -307,6 +327,9 @@ class LeanModel(nn.Module):
                              f"with {len(self.input_size) + 1} dims")
         k = len(self.slots)
         try:
+            if self.streams and k > 1:
+                per_slot = split_streams(self.backbone(Streams([x.clone() for _ in range(k)])), k)
+                return {t: per_slot[self.slots.index(i + 1)] for i, t in enumerate(self.tasks)}
             if self.task_networks is not None:
                 return {t: net(x) for t, net in zip(self.tasks, self.task_networks)}
             out = self.backbone(torch.cat([x] * k, 0) if k > 1 else x)
@@ -448,9 +471,12 @@ def _task_networks(backbone: nn.Module, layers: Sequence[LeanGatedLayer], num_ta
 
 
 @torch.no_grad()
-def prune(model: GatedModel) -> LeanModel:
+def prune(model: GatedModel, *, streams: bool = True) -> LeanModel:
     """Build the lean model of ``model`` from its current gates (see module docstring).
 
+    With ``streams`` (default) the computed slots run as per-slot streams (see
+    :mod:`gatedmtl.streams`) where the backbone's code allows it; otherwise, or with
+    ``streams=False``, they are folded on the batch axis (:attr:`LeanModel.folded_reason` says why).
     In eval mode ``prune(model)(x)`` equals ``model(x)`` up to float rounding.
     """
     if not isinstance(model, GatedModel):
@@ -496,10 +522,43 @@ def prune(model: GatedModel) -> LeanModel:
     for module in backbone.modules():
         if type(module) is SlotModule:  # ungated: the same module with a leaner ONNX split
             module.__class__ = LeanSlotModule
+        if isinstance(module, LeanSlotModule):
+            module.stream_slots = slots
     lean_model = LeanModel(backbone, model.tasks, model.input_size, slots)
-    if len(slots) > 1 and 0 not in slots:  # every gate open: the task networks never meet
-        lean_model.set_task_networks(_task_networks(backbone, layers, num_tasks))
     lean_model.train(model.training)
+    if len(slots) > 1 and streams:
+        lean_model.folded_reason = _try_streams(lean_model)
+        lean_model.streams = lean_model.folded_reason is None
+    if len(slots) > 1 and 0 not in slots and not lean_model.streams:  # every gate open: the tasks never meet
+        lean_model.set_task_networks(_task_networks(backbone, layers, num_tasks))
     if 0 in slots:
         _mark_dead_shared(lean_model, layers)
     return lean_model
+
+
+def _try_streams(lean: LeanModel) -> str | None:
+    """Run ``lean`` once as per-slot streams; ``None`` when that works, else why it cannot."""
+    lean.streams = True
+    was_training = lean.training
+    lean.eval()
+    try:
+        device = next(iter(lean.parameters()), torch.empty(0)).device
+        x = torch.zeros((1, *lean.input_size), device=device)
+        with torch.no_grad():
+            out = lean(x)
+        if any(isinstance(o, Streams) for o in _leaves(out)):
+            return "the backbone returns streams inside an unsupported container"
+        return None
+    except (StreamsError, TypeError, AttributeError, RuntimeError, ValueError, IndexError) as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    finally:
+        lean.streams = False
+        lean.train(was_training)
+
+
+def _leaves(obj: Any) -> list[Any]:
+    if isinstance(obj, dict):
+        return [x for v in obj.values() for x in _leaves(v)]
+    if isinstance(obj, (list, tuple)):
+        return [x for v in obj for x in _leaves(v)]
+    return [obj]

@@ -1,0 +1,175 @@
+"""Per-slot streams: the backbone's own forward code run once per computed slot, in lockstep.
+
+A lean model does not fold its slots on the batch axis (which costs a split and a concat of
+every slot at every gated layer). Instead its input is wrapped in a :class:`Streams` object that
+holds one tensor per computed slot; every torch function, tensor method and operator the
+backbone code applies to it is applied to each slot's tensor (``__torch_function__``), so the
+exported graph holds one plain chain of ops per slot. The streams meet only inside the lean
+layers (:class:`gatedmtl.prune.LeanGatedLayer`), which read each slot's tensor directly.
+
+Attribute reads that are not tensor methods (``.shape``, ``.dtype``, ``.ndim``, ...) and
+functions that return non-tensors (``x.size(1)``, ``x.dim()``) answer from the first stream:
+every stream has the same shape, since each carries the full width of its slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import Tensor
+
+__all__ = ["Streams", "StreamsError", "split_streams", "merge_streams", "is_streams", "to_slot_list", "distinct"]
+
+
+class StreamsError(TypeError):
+    """Backbone code did something that per-slot streams cannot map (e.g. an ``isinstance(x, Tensor)`` branch)."""
+
+
+def _count(obj: Any) -> int | None:
+    if isinstance(obj, Streams):
+        return len(obj.tensors)
+    if isinstance(obj, (list, tuple)):
+        for o in obj:
+            n = _count(o)
+            if n is not None:
+                return n
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            n = _count(o)
+            if n is not None:
+                return n
+    return None
+
+
+def _pick(obj: Any, i: int) -> Any:
+    if isinstance(obj, Streams):
+        return obj.tensors[i]
+    if isinstance(obj, list):
+        return [_pick(o, i) for o in obj]
+    if isinstance(obj, tuple):
+        return tuple(_pick(o, i) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _pick(v, i) for k, v in obj.items()}
+    return obj
+
+
+def merge_streams(outputs: Sequence[Any]) -> Any:
+    """Per-slot results ``outputs[i]`` -> one result with :class:`Streams` wherever they hold tensors."""
+    first = outputs[0]
+    if isinstance(first, Tensor):
+        return Streams(outputs)
+    if isinstance(first, (list, tuple)) and any(isinstance(o, Tensor) for o in first):
+        merged = [merge_streams([o[j] for o in outputs]) for j in range(len(first))]
+        if isinstance(first, list):
+            return merged
+        return type(first)(*merged) if hasattr(first, "_fields") else tuple(merged)
+    if isinstance(first, dict) and any(isinstance(o, Tensor) for o in first.values()):
+        return {k: merge_streams([o[k] for o in outputs]) for k in first}
+    return first
+
+
+def distinct(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """``tensors`` with every repeated object replaced by a copy (an Identity in an exported graph)."""
+    seen: set[int] = set()
+    out = []
+    for t in tensors:
+        out.append(t.clone() if id(t) in seen else t)
+        seen.add(id(t))
+    return out
+
+
+def split_streams(obj: Any, num: int) -> list[Any]:
+    """The ``num`` per-slot views of a (nested) structure holding :class:`Streams`."""
+    return [_pick(obj, i) for i in range(num)]
+
+
+def _apply(func: Callable, args: tuple, kwargs: dict) -> Any:
+    n = _count(args)
+    if n is None:
+        n = _count(kwargs)
+    if n is None:
+        return func(*args, **kwargs)
+    return merge_streams([func(*_pick(args, i), **_pick(kwargs, i)) for i in range(n)])
+
+
+class Streams:
+    """One tensor per computed slot, mapped together through any torch code.
+
+    The tensors must be distinct objects (backbone code may modify them in place, e.g.
+    ``x += shortcut``): see :func:`distinct`.
+
+    ``Streams([t_0, ..., t_{K-1}])``: ``torch.relu(s)``, ``s.flatten(1)``, ``s + 1``, ``s[:, :3]``,
+    ``torch.cat([s, r], 1)`` ... each give ``Streams`` of the per-slot results.
+    """
+
+    __slots__ = ("tensors",)
+
+    def __init__(self, tensors: Sequence[Tensor]) -> None:
+        object.__setattr__(self, "tensors", list(tensors))
+
+    @classmethod
+    def __torch_function__(cls, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        return _apply(func, args, kwargs or {})
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(Tensor, name, None)
+        if callable(attr) and not isinstance(attr, type):
+            method = attr
+
+            def mapped(*args: Any, **kwargs: Any) -> Any:
+                return _apply(method, (self, *args), kwargs)
+
+            return mapped
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.tensors[0], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise StreamsError(f"cannot set attribute {name!r} on per-slot streams")
+
+    def __len__(self) -> int:
+        return len(self.tensors[0])
+
+    def __iter__(self):
+        raise StreamsError("iterating over a tensor's first axis is not supported on per-slot streams")
+
+    def __bool__(self) -> bool:
+        raise StreamsError("the truth value of per-slot streams is undefined (data-dependent control flow)")
+
+    def __repr__(self) -> str:
+        return f"Streams({len(self.tensors)} x {tuple(self.tensors[0].shape)})"
+
+
+def _dunder(name: str) -> Callable:
+    method = getattr(Tensor, name)
+
+    def op(self: Streams, *args: Any) -> Any:
+        return _apply(method, (self, *args), {})
+
+    op.__name__ = name
+    return op
+
+
+for _name in ("__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__", "__rmul__", "__imul__",
+              "__truediv__", "__rtruediv__", "__itruediv__", "__floordiv__", "__rfloordiv__", "__mod__", "__pow__",
+              "__rpow__", "__matmul__", "__rmatmul__", "__neg__", "__pos__", "__abs__", "__getitem__", "__setitem__",
+              "__and__", "__or__", "__xor__", "__invert__", "__lt__", "__le__", "__gt__", "__ge__", "__eq__", "__ne__"):
+    setattr(Streams, _name, _dunder(_name))
+
+Streams.__hash__ = object.__hash__  # type: ignore[method-assign]
+
+del _name
+
+
+def is_streams(obj: Any) -> bool:
+    """Whether ``obj`` (or anything nested in it) holds :class:`Streams`."""
+    return _count(obj) is not None
+
+
+def to_slot_list(x: Any) -> list[Tensor]:
+    """The per-slot tensors of ``x`` (a :class:`Streams`)."""
+    if not isinstance(x, Streams):
+        raise StreamsError(f"expected per-slot streams, got {type(x).__name__}")
+    return x.tensors
+
