@@ -30,7 +30,7 @@ from .slots import SlotModule, _batch_dim_in, _merge
 from .streams import Streams, StreamsError, distinct, merge_streams, split_streams
 from .streams import _count as _count_streams
 from .streams import _pick as _pick_stream
-from .surgery import GatedModel, _parents
+from .surgery import GatedModel, _parents, conv_group_size
 
 __all__ = ["prune", "LeanModel", "LeanGatedLayer", "LeanSlotModule", "prune_out_channels", "computed_slots"]
 
@@ -52,8 +52,11 @@ def prune_out_channels(module: nn.Module, keep: Tensor) -> nn.Module:
     if isinstance(module, nn.Linear):
         tp.prune_linear_out_channels(module, remove)
     elif isinstance(module, nn.modules.conv._ConvNd):
-        if module.groups > 1:
+        if module.groups > 1 and conv_group_size(module) == 1:
             tp.prune_depthwise_conv_out_channels(module, remove)
+        elif module.groups > 1:
+            _keep_conv_groups(module, keep)
+            return module
         else:
             tp.prune_conv_out_channels(module, remove)
     else:
@@ -67,6 +70,32 @@ def prune_out_channels(module: nn.Module, keep: Tensor) -> nn.Module:
             else:
                 setattr(module, name, sliced)
     return module
+
+
+def _keep_conv_groups(conv: nn.modules.conv._ConvNd, keep: Tensor) -> None:
+    """Keep the filters ``keep`` (whole groups) of a grouped convolution: a grouped conv over the kept groups."""
+    per = conv_group_size(conv)
+    groups = keep.view(-1, per)[:, 0] // per
+    if keep.numel() % per or not torch.equal(keep, (groups[:, None] * per + torch.arange(per)).flatten()):
+        raise ValueError(f"a grouped convolution keeps whole groups of {per} filters, not {keep.tolist()[:8]}...")
+    conv.weight = nn.Parameter(conv.weight.detach()[keep].clone(), requires_grad=conv.weight.requires_grad)
+    if conv.bias is not None:
+        conv.bias = nn.Parameter(conv.bias.detach()[keep].clone(), requires_grad=conv.bias.requires_grad)
+    conv.in_channels = conv.in_channels // conv.groups * groups.numel()
+    conv.out_channels = keep.numel()
+    conv.groups = groups.numel()
+
+
+def conv_input_channels(conv: nn.Module, keep: Tensor) -> Tensor | None:
+    """Input channels that the kept filters ``keep`` of a grouped/depthwise conv read (``None``: all)."""
+    if not isinstance(conv, nn.modules.conv._ConvNd) or conv.groups == 1:
+        return None
+    per_out = conv.out_channels // conv.groups
+    per_in = conv.in_channels // conv.groups
+    groups = torch.unique(keep // per_out)
+    if groups.numel() == conv.groups:
+        return None
+    return (groups[:, None] * per_in + torch.arange(per_in)).flatten()
 
 
 def _static_dims(x: Tensor) -> tuple[int, ...]:
@@ -200,7 +229,14 @@ class LeanGatedLayer(nn.Module):
 
     def forward(self, x: Tensor | Streams) -> Tensor | Streams:
         if isinstance(x, Streams):  # per-slot streams: no split, no concat of the slots
-            return Streams(distinct(self.forward_slots(x.tensors)))
+            outs = self.forward_slots(x.tensors)
+            for i, s in enumerate(self.slots):
+                if not self.present[s] and len(self.slots) > 1:
+                    # Slot s computes nothing here and reads another slot's output. Keep its input
+                    # stream an ancestor of its output (an empty slice summed: 0), so that the
+                    # exported graph computes what the folded model and the FLOP prediction count.
+                    outs[i] = outs[i] + x.tensors[i].narrow(self.channel_dim, 0, 0).sum()
+            return Streams(distinct(outs))
         if len(self.slots) == 1:  # one slot computed: its branch has every channel
             return self._branch(self.slots[0], x)
         computed = [i for i, s in enumerate(self.slots) if self.present[s]]
@@ -494,7 +530,6 @@ def prune(model: GatedModel, *, streams: bool = True) -> LeanModel:
         width = gate.channels
         keep = [(~open_.all(0)).nonzero().flatten()] + [open_[t].nonzero().flatten() for t in range(num_tasks)]
         template = producer.slots[0]
-        depthwise = isinstance(template, nn.modules.conv._ConvNd) and template.groups > 1
         branches: list[nn.Module | None] = []
         in_index: list[Tensor | None] = []
         for s in range(num_tasks + 1):
@@ -506,7 +541,7 @@ def prune(model: GatedModel, *, streams: bool = True) -> LeanModel:
             if paired:
                 layer = nn.Sequential(layer, prune_out_channels(copy.deepcopy(unit.slots[s]), keep[s]))
             branches.append(layer)
-            in_index.append(keep[s].clone() if depthwise and keep[s].numel() < width else None)
+            in_index.append(conv_input_channels(template, keep[s]))
         weights = gate.mixing_weights().detach().cpu().to(template.weight.dtype)
         lean = LeanGatedLayer(branches, in_index, keep, open_, weights, gate.channel_dim).to(template.weight.device)
         lean.train(model.training)

@@ -13,7 +13,8 @@ from .gates import ChannelGate, check_group
 from .probe import probe
 from .slots import SlotModule, fold, is_slot_unit, unfold_slot
 
-__all__ = ["GatedModel", "convert", "gate_layers", "default_input_size", "gateable"]
+__all__ = ["GatedModel", "convert", "gate_layers", "default_input_size", "gateable", "conv_group_size",
+           "layer_gate_group"]
 
 _DEFAULT_INPUT_SIZE = (3, 224, 224)
 
@@ -34,11 +35,26 @@ def gateable(module: nn.Module) -> str | None:
     if isinstance(module, nn.modules.conv._ConvNd):
         if module.transposed:
             return "transposed convolution"
-        depthwise = module.groups == module.in_channels == module.out_channels
-        if module.groups != 1 and not depthwise:
-            return f"grouped convolution (groups={module.groups}): kept filters would break the group structure"
-        return None
+        return None  # grouped convolutions are gated per group of filters (see conv_group_size)
     return "not a convolution or linear layer"
+
+
+def conv_group_size(module: nn.Module) -> int:
+    """Output channels of one convolution group (1 for plain and depthwise convs, linear layers)."""
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
+        depthwise = module.groups == module.in_channels == module.out_channels
+        return 1 if depthwise else module.out_channels // module.groups
+    return 1
+
+
+def layer_gate_group(module: nn.Module, gate_group: int) -> int:
+    """Channels per gate of ``module``: ``gate_group``, rounded to whole convolution groups.
+
+    A grouped convolution keeps whole groups of filters (its lean copy is again a grouped
+    convolution), so its gate group is a multiple of its filters per group.
+    """
+    per = conv_group_size(module)
+    return gate_group if per == 1 else per * max(1, gate_group // per)
 
 
 def _validate_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
@@ -216,7 +232,8 @@ def convert(
             producer = units[gated_output[name]]
             linear = isinstance(producer, nn.Linear)
             channels = producer.out_features if linear else producer.out_channels
-            gate = ChannelGate(len(names), channels, -1 if linear else 1, init_logit, group=gate_group)
+            gate = ChannelGate(len(names), channels, -1 if linear else 1, init_logit,
+                               group=layer_gate_group(producer, gate_group))
             gate.name = name
             order.append(name)
         slotted = SlotModule(module, num_slots, gate)
