@@ -319,6 +319,64 @@ def test_cli_train_prune_export(tmp_path):
     assert run.returncode == 0 and "db_mtl" in run.stdout and "go4align" in run.stdout
 
 
+def test_gate_parameters_are_selected_by_type_not_by_name(tmp_path):
+    from gatedmtl.gates import ChannelGate
+
+    trainer = Trainer(TrainConfig(**(TINY | {"model": "resnet10t"}), out=str(tmp_path / "run")))
+    head = next(iter(trainer.net.heads.values()))
+    head.register_parameter("beta", torch.nn.Parameter(torch.zeros(3)))  # a backbone-style name
+    head.register_parameter("alpha", torch.nn.Parameter(torch.zeros(3)))
+    groups = trainer._make_optimizer().param_groups
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    assert by_id[id(head.beta)]["lr"] == trainer.config.lr and by_id[id(head.alpha)]["lr"] == trainer.config.lr
+    gates = [p for m in trainer.net.modules() if isinstance(m, ChannelGate) for p in m.parameters()]
+    assert gates and all(by_id[id(p)]["lr"] == trainer.config.gate_lr for p in gates)
+    assert sum(len(g["params"]) for g in groups) == len(list(trainer.net.parameters()))
+
+
+@pytest.mark.parametrize("options,lr", [({}, 0.025), ({"lr": 0.1}, 0.1)])
+def test_uw_log_variances_train_at_their_own_learning_rate(tmp_path, options, lr):
+    cfg = TINY | {"model": "resnet10t", "arch": "shared", "budget": None, "balance": "uw",
+                  "balance_options": options, "schedule": "constant"}
+    trainer = Trainer(TrainConfig(**cfg, out=str(tmp_path / "run")))
+    (log_vars,) = trainer.strategy.extra_parameters()
+    group = next(g for g in trainer.optimizer.param_groups if any(p is log_vars for p in g["params"]))
+    assert group["lr"] == lr and group["weight_decay"] == 0.0 and len(group["params"]) == 1
+    before = log_vars.detach().clone()
+    batch = next(iter(torch.utils.data.DataLoader(trainer.train_set, batch_size=2)))
+    trainer.train_step(batch, epoch=0)
+    # AdamW's first step moves every coordinate by lr (m / sqrt(v) = sign of the gradient)
+    assert torch.allclose((log_vars.detach() - before).abs(), torch.full((3,), lr), rtol=1e-4)
+
+
+def test_freeze_bn_keeps_running_statistics(tmp_path):
+    trainer = Trainer(TrainConfig(**(TINY | {"model": "resnet10t", "freeze_bn": True}), out=str(tmp_path / "run")))
+    buffers = {k: v.clone() for k, v in trainer.net.state_dict().items() if "running_" in k}
+    batch = next(iter(torch.utils.data.DataLoader(trainer.train_set, batch_size=2)))
+    trainer.train_step(batch, epoch=0)
+    state = trainer.net.state_dict()
+    assert buffers and all(torch.equal(v, state[k]) for k, v in buffers.items())
+    moving = Trainer(TrainConfig(**(TINY | {"model": "resnet10t"}), out=str(tmp_path / "run2")))
+    moving.train_step(batch, epoch=0)
+    assert not all(torch.equal(v, moving.net.state_dict()[k]) for k, v in buffers.items())
+
+
+def test_unreached_parameters_lists_what_ddp_must_look_for():
+    from gatedmtl.parallel import unreached_parameters
+
+    net = torch.nn.ModuleDict({"used": torch.nn.Linear(3, 2), "unused": torch.nn.Linear(3, 2)})
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.parts = net
+
+        def forward(self, x):
+            return {"out": self.parts["used"](x)}
+
+    assert unreached_parameters(Net(), torch.zeros(1, 3)) == ["parts.unused.weight", "parts.unused.bias"]
+
+
 # -------------------------------------------------------------------- data parallel
 REPO = Path(__file__).resolve().parents[1]
 DDP_BASE = dict(model="lcnet_035", arch="gated", epochs=1, steps_per_epoch=2, batch_size=2,
