@@ -17,7 +17,15 @@ a 1-process run on the global batch, and every rank bit-identical:
 * **BatchNorm running statistics are averaged** after every step
   (:func:`average_running_stats`); see its docstring for what that equals.
 
-Collectives return the same bits on every rank, so identical inputs give identical states.
+Collectives return the same bits on every rank, so identical inputs give identical states:
+strategy state needs no communication of its own (``tests/test_train.py`` compares every
+parameter, buffer, optimizer and strategy tensor of the ranks bit for bit).
+
+A run on ``N`` ranks is the 1-process run on the ``N``-times larger batch (up to rounding) when
+every per-sample computation is the same, i.e. BatchNorm frozen (``TrainConfig.freeze_bn``) or
+absent, and every task loss is a mean over the same number of elements per sample: a masked
+mean (depth or normals with invalid pixels) is averaged per rank and the rank means are then
+weighted equally, as in any DDP training.
 """
 
 from __future__ import annotations

@@ -40,9 +40,9 @@ from .cost import count_flops, expected_flops, predict_flops
 from .data import create_dataset
 from .network import MultiTaskNet, build_backbone, build_network, tasks_from_spec
 from .gates import ChannelGate, check_group
-from .parallel import all_reduce_mean_, average_running_stats, broadcast_state, dist_info, global_losses
+from .parallel import all_reduce_mean_, average_running_stats, broadcast_state, global_losses, init_distributed
+from .parallel import dist_info as _dist_info
 from .parallel import unreached_parameters
-from .parallel import init_distributed as _init_distributed
 from .surgery import GatedModel
 
 __all__ = ["TrainConfig", "Trainer", "evaluate", "NonFiniteLossError", "load_network", "prune_checkpoint", "ProjectionWarning",
@@ -160,15 +160,6 @@ def _device(spec: str) -> torch.device:
     elif device.type != "cpu":
         raise ValueError(f"device {spec!r} is not supported; use auto, cpu, cuda or cuda:N")
     return device
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join the process group that ``torchrun`` describes (gloo on CPU, nccl on GPU); ``(rank, world)``."""
-    return _init_distributed()
-
-
-def _dist_info() -> tuple[int, int]:
-    return dist_info()
 
 
 def write_text(path: Path, text: str) -> None:
