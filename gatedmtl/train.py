@@ -4,8 +4,12 @@ Plain PyTorch loop: AdamW/SGD with a per-step cosine/step/constant schedule, los
 through :mod:`gatedmtl.balancing`, the cost-aware sparsity hinge of :mod:`gatedmtl.budget`,
 AMP on GPU, gradient clipping, tqdm progress, a JSON-lines log of every step, atomic
 safetensors checkpoints and exact resume (data order, RNG, optimizer and strategy state).
-Data parallel under ``torchrun`` (gloo on CPU, nccl on GPU): every rank takes its share of
-each batch list and gradients are averaged after the (strategy's) backward.
+Data parallel under ``torchrun`` (gloo on CPU, nccl on GPU), :mod:`gatedmtl.parallel`: every
+rank takes its share of each global batch; the task losses carry the global (rank-mean) values;
+loss-level strategies train through :class:`~torch.nn.parallel.DistributedDataParallel`,
+gradient-level ones average each task's gradient of the shared parameters before aggregating
+them, then the remaining gradients; BatchNorm running statistics are averaged after each step.
+The ranks stay bit-identical (parameters, buffers, optimizer and strategy state).
 """
 
 from __future__ import annotations
@@ -35,7 +39,10 @@ from .files import check_not_special, check_output, remove_stale_temps
 from .cost import count_flops, expected_flops, predict_flops
 from .data import create_dataset
 from .network import MultiTaskNet, build_backbone, build_network, tasks_from_spec
-from .gates import check_group
+from .gates import ChannelGate, check_group
+from .parallel import all_reduce_mean_, average_running_stats, broadcast_state, global_losses, init_distributed
+from .parallel import dist_info as _dist_info
+from .parallel import unreached_parameters
 from .surgery import GatedModel
 
 __all__ = ["TrainConfig", "Trainer", "evaluate", "NonFiniteLossError", "load_network", "prune_checkpoint", "ProjectionWarning",
@@ -93,6 +100,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True
     progress: bool = True
+    freeze_bn: bool = False  # BatchNorm layers normalise with (and keep) their running statistics
 
     def validate(self) -> None:
         if self.arch not in ("gated", "shared"):
@@ -152,22 +160,6 @@ def _device(spec: str) -> torch.device:
     elif device.type != "cpu":
         raise ValueError(f"device {spec!r} is not supported; use auto, cpu, cuda or cuda:N")
     return device
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join the process group that ``torchrun`` describes (gloo on CPU, nccl on GPU); ``(rank, world)``."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return _dist_info()
-
-
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def write_text(path: Path, text: str) -> None:
@@ -289,8 +281,12 @@ class Trainer:
             raise NotADirectoryError(f"--out {self.out} is a file; give a folder for the run")
         if resume and not self.ckpt_path.is_file():
             raise FileNotFoundError(f"nothing to resume: {self.ckpt_path} does not exist")
-        if not resume and self.rank == 0:
-            existing = [n for n in RUN_FILES if (self.out / n).exists()]
+        if not resume:
+            existing = [n for n in RUN_FILES if (self.out / n).exists()] if self.rank == 0 else []
+            if self.world > 1:  # every rank raises (or none does): a rank left alone would wait forever
+                shared = [existing]
+                dist.broadcast_object_list(shared, src=0)
+                existing = shared[0]
             if existing and not force:
                 raise FileExistsError(f"{self.out} already holds a run ({', '.join(existing)}): pass --resume "
                                       "(resume=True) to continue it, --force (force=True) to start over, "
@@ -311,9 +307,9 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.on_step: Callable[[dict[str, Any]], None] | None = None  # called after every step
+        self.model: nn.Module = self.net  # what the training forward runs: the net, or DDP around it
         if self.world > 1:
-            for p in self.net.state_dict().values():
-                dist.broadcast(p, 0)
+            self.model = self._data_parallel()
         if resume:
             self.load(self.ckpt_path)
         elif force and self.rank == 0:
@@ -326,15 +322,33 @@ class Trainer:
     def gated(self) -> bool:
         return isinstance(self.net.encoder, GatedModel)
 
+    def _data_parallel(self) -> nn.Module:
+        """DDP around the net for loss-level strategies (one backward, averaged by DDP's reducer);
+        gradient-level strategies run ``T`` backwards per forward, which DDP does not support:
+        they get the plain net (rank 0's state broadcast) and :meth:`train_step` averages the
+        Jacobian and the other gradients itself."""
+        if self.strategy.needs_grads:
+            broadcast_state(self.net)
+            return self.net
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(
+            self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            forward_sync_buffers=False,  # running statistics are averaged after each step instead
+            find_unused_parameters=bool(unreached_parameters(self.net, torch.zeros(1, *self.input_size,
+                                                                                   device=self.device))))
+
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
-        gate_params = [p for n, p in self.net.named_parameters() if n.endswith(".alpha") or n.endswith(".beta")]
+        # by type: a backbone parameter that happens to be called `alpha` or `beta` keeps the model lr
+        gate_params = [p for m in self.net.modules() if isinstance(m, ChannelGate) for p in m.parameters(recurse=False)]
         gate_ids = {id(p) for p in gate_params}
         others = [p for p in self.net.parameters() if id(p) not in gate_ids]
         groups = [{"params": others, "lr": c.lr, "weight_decay": c.weight_decay, "base_lr": c.lr}]
         extra = list(self.strategy.extra_parameters())
         if extra:
-            groups.append({"params": extra, "lr": c.lr, "weight_decay": 0.0, "base_lr": c.lr})
+            extra_lr = self.strategy.extra_lr or c.lr  # e.g. UW's log-variances: their own lr (0.025)
+            groups.append({"params": extra, "lr": extra_lr, "weight_decay": 0.0, "base_lr": extra_lr})
         if gate_params:
             groups.append({"params": gate_params, "lr": c.gate_lr, "weight_decay": 0.0, "base_lr": c.gate_lr})
         if c.optimizer == "sgd":
@@ -417,11 +431,11 @@ class Trainer:
             _truncate_log(self.out / "log.jsonl", self.step)
 
     # ---------------------------------------------------------------- training
-    def _losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def _losses(self, batch: Mapping[str, Tensor], model: nn.Module | None = None) -> dict[str, Tensor]:
         x = batch["image"].to(self.device, non_blocking=True)
         amp = self.config.amp and self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-            out = self.net(x)
+            out = (model or self.net)(x)
         return {t: self.tasks[t].loss(out[t].float(), batch[t].to(self.device)) for t in self.config.tasks}
 
     def _sparsity(self, epoch: int) -> tuple[Tensor | None, float | None]:
@@ -438,19 +452,40 @@ class Trainer:
         gflops = float(expected_flops(enc, self.input_size).detach()) / 1e9
         return reg, gflops
 
-    def _all_reduce_grads(self) -> None:
-        for p in self.net.parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad /= self.world
+    def _average_other_grads(self, shared: Sequence[nn.Parameter]) -> None:
+        """Average over the ranks the gradients of every parameter outside ``shared`` (whose
+        Jacobian the strategy averaged already). A parameter without a gradient on every rank
+        keeps ``None`` (as in a 1-process run); one reached on some ranks only counts as 0 on
+        the others."""
+        ids = {id(p) for p in shared}
+        params = [p for p in self.net.parameters() if p.requires_grad and id(p) not in ids]
+        if not params:
+            return
+        reached = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=self.device)
+        dist.all_reduce(reached, op=dist.ReduceOp.MAX)
+        grads = []
+        for p, r in zip(params, reached.tolist()):
+            if r:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad)
+        all_reduce_mean_(grads)
+
+    def _freeze_batch_norms(self) -> None:
+        for m in self.net.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)):
+                m.eval()
 
     def train_step(self, batch: Mapping[str, Tensor], epoch: int) -> dict[str, Any]:
         self.net.train()
+        if self.config.freeze_bn:
+            self._freeze_batch_norms()
         factor = self.schedule(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
-        losses = self._losses(batch)
+        losses = self._losses(batch, self.model)
+        if self.world > 1:
+            losses = global_losses(losses)  # the global values on every rank, the rank's own gradients
         for t, value in losses.items():
             if not torch.isfinite(value):
                 if self.ckpt_path.is_file():
@@ -464,22 +499,33 @@ class Trainer:
                     f"the loss of task '{t}' is {value.item()} at step {self.step} (epoch {epoch}); training stopped. "
                     f"{kept} Lower --lr, check the labels of '{t}', or try --balance with a log-loss strategy.")
         self.optimizer.zero_grad(set_to_none=True)
-        weights = self.strategy.backward(losses, self.net.encoder_parameters(), self.net.head_parameters(),
-                                         step=self.step, epoch=epoch)
+        shared = self.net.encoder_parameters()
+        parallel_grads = self.world > 1 and self.strategy.needs_grads
+        extra = {"all_reduce": lambda t: all_reduce_mean_([t])} if parallel_grads else {}
+        weights = self.strategy.backward(losses, shared, self.net.head_parameters(),
+                                         step=self.step, epoch=epoch, **extra)
+        if parallel_grads:
+            self._average_other_grads(shared)
         reg, gflops = self._sparsity(epoch)
         if reg is not None and reg.requires_grad:
-            reg.backward()
-        if self.world > 1:
-            self._all_reduce_grads()
+            # autograd.grad + add, not reg.backward(): the gates are DDP parameters, and a second
+            # backward into them would re-trigger DDP's reducer (reg is the same on every rank)
+            params = [p for p in self.net.parameters() if p.requires_grad]
+            for p, g in zip(params, torch.autograd.grad(reg, params, allow_unused=True)):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad + g
         if self.config.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.grad_clip)
         self.optimizer.step()
 
         def recompute() -> dict[str, Tensor]:
             with torch.no_grad():
-                return self._losses(batch)
+                again = self._losses(batch)
+            return global_losses(again) if self.world > 1 else again
 
         self.strategy.after_optimizer_step(recompute)
+        if self.world > 1 and not self.config.freeze_bn:
+            average_running_stats(self.net)
         self.step += 1
         record = {"step": self.step, "epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
                   "loss": {t: v.item() for t, v in losses.items()}, "weights": weights}
@@ -493,15 +539,18 @@ class Trainer:
         return record
 
     def replica_difference(self) -> float:
-        """Largest difference between this rank's parameters and rank 0's (0.0 when not distributed)."""
+        """Largest difference between this rank's parameters and buffers and rank 0's (an integer
+        buffer that differs counts 1; 0.0 when not distributed)."""
         if self.world == 1:
             return 0.0
-        worst = torch.zeros(())
+        worst = torch.zeros((), device=self.device)
         for p in self.net.state_dict().values():
             ref = p.detach().clone()
             dist.broadcast(ref, 0)
-            if p.is_floating_point():
-                worst = torch.maximum(worst, (p.detach() - ref).abs().max().cpu())
+            if p.numel() == 0:
+                continue
+            diff = (p.detach() - ref).abs().max() if p.is_floating_point() else (p != ref).any()
+            worst = torch.maximum(worst, diff.to(worst.dtype))
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
         return float(worst)
 

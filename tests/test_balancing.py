@@ -111,7 +111,9 @@ def test_describe_lists_defaults_from_the_references():
     assert desc["dwa"][1] == {"temperature": 2.0}
     assert desc["cagrad"][1]["c"] == 0.4
     assert desc["gradnorm"][1] == {"alpha": 1.5}
-    assert desc["ew"][1] == {} and desc["si"][1] == {} and desc["uw"][1] == {}
+    assert desc["ew"][1] == {} and desc["si"][1] == {}
+    assert desc["uw"][1] == {"lr": 0.025}  # nash-mtl's --method-params-lr
+    assert desc["mgda"][1] == {"solver": "exact", "epsilon": 1e-3, "max_iters": 100}
 
 
 def exported_classes():
@@ -158,6 +160,8 @@ def test_unknown_option_is_named():
         ("famo", "min_losses", "zero", TypeError),
         ("famo", "w_lr", float("nan"), ValueError),
         ("mgda", "max_iters", 0, ValueError),
+        ("mgda", "solver", "simplex", ValueError),
+        ("uw", "lr", 0.0, ValueError),
         ("pcgrad", "seed", -1, ValueError),
         ("gradnorm", "alpha", [1.5], TypeError),
     ],
@@ -605,7 +609,7 @@ def test_mgda_two_tasks_closed_form_min_norm():
             assert alpha.item() == expected_alpha
         close(w, 2 * torch.stack([alpha, 1 - alpha]), 1e-9)
         close(p.theta.grad, 2 * (alpha * g1 + (1 - alpha) * g2), 1e-9)
-        close(torch.stack([h.grad for h in p.heads]), p.b)
+        close(torch.stack([h.grad for h in p.heads]), w * p.b, 1e-9)  # nash-mtl: weighted loss
 
 
 def test_imtl_g_equal_projections_and_reference_closed_form():
@@ -624,6 +628,154 @@ def test_imtl_g_equal_projections_and_reference_closed_form():
     U_ = U[0] - U[1:]
     a = G[0] @ U_.T @ torch.linalg.inv(D_ @ U_.T)
     close(w, torch.cat([(1 - a.sum()).reshape(1), a]), 1e-9)
+    # heads: the plain gradient of sum_t L_t (paper Alg. 1, LibMTL), not the weighted one
+    close(torch.stack([h.grad for h in p.heads]), p.b)
+
+
+def _min_norm_by_enumeration(J):
+    """Reference MGDA solution: the min-norm point of conv{g_t}, by trying every support S and
+    solving min |sum_S mu_s g_s|^2 s.t. sum mu = 1 on it (KKT system), keeping mu >= 0."""
+    G = J @ J.T
+    T = G.shape[0]
+    best_value, best = math.inf, None
+    for k in range(1, T + 1):
+        for S in itertools.combinations(range(T), k):
+            S = list(S)
+            kkt = torch.zeros(k + 1, k + 1, dtype=DT)
+            kkt[:k, :k] = G[S][:, S]
+            kkt[:k, k] = 1.0
+            kkt[k, :k] = 1.0
+            rhs = torch.zeros(k + 1, dtype=DT)
+            rhs[k] = 1.0
+            mu = torch.linalg.lstsq(kkt, rhs.unsqueeze(1)).solution.squeeze(1)[:k]
+            if (mu < -1e-12).any() or abs(mu.sum().item() - 1) > 1e-9:
+                continue
+            lam = torch.zeros(T, dtype=DT)
+            lam[S] = mu
+            value = (lam @ G @ lam).item()
+            if value < best_value - 1e-15:
+                best_value, best = value, lam
+    return best
+
+
+MGDA_PROBLEMS = [
+    [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],  # orthogonal: interior point
+    [[1.4, 0.2, -1.9, 0.5], [-0.2, -0.8, 0.5, 1.0], [0.2, 1.5, -0.9, -2.0]],  # Frank-Wolfe ends 68 % off
+    [[2.0, 1.0], [-1.0, 0.5], [0.5, 2.0]],  # 3 gradients in the plane: the hull contains 0? no
+    [[1.0, 1.0, 0.0], [1.0, -1.0, 0.0], [3.0, 0.1, 0.0], [0.9, 0.0, 2.0]],  # dominated points
+    [[1.0, 2.0], [1.0, 2.0], [-0.5, 0.3]],  # a repeated gradient (singular Gramian)
+]
+
+
+@pytest.mark.parametrize("A", MGDA_PROBLEMS)
+def test_mgda_default_is_the_exact_min_norm_point(A):
+    p = Problem(A)
+    s = balancing.create("mgda", tasks=p.tasks)
+    w = wvec(p.run(s), p.tasks)
+    T = len(A)
+    lam_ref = _min_norm_by_enumeration(p.A)
+    d_ref = T * (lam_ref @ p.A)
+    # the min-norm point is unique (the weights need not be, with dependent gradients)
+    close(p.theta.grad, d_ref, 1e-9)
+    assert abs(w.sum().item() - T) < 1e-9 and (w >= 0).all()
+    assert abs(p.theta.grad.norm().item() - d_ref.norm().item()) <= 1e-3 * max(d_ref.norm().item(), 1e-12)
+    # optimality on the simplex: every g_t . x >= |x|^2 at x = d / T
+    x = p.theta.grad / T
+    assert (p.A @ x >= x @ x - 1e-9).all()
+    # heads: the weighted loss sum_t w_t L_t is backpropagated (nash-mtl, official MGDA code)
+    close(torch.stack([h.grad for h in p.heads]), w * p.b, 1e-9)
+
+
+def test_mgda_frank_wolfe_option_is_the_iterative_solver():
+    A = MGDA_PROBLEMS[1]
+    p = Problem(A)
+    exact = balancing.create("mgda", tasks=p.tasks)
+    fw = balancing.create("mgda", tasks=p.tasks, solver="frank_wolfe")
+    p.run(exact)
+    d_exact = p.theta.grad.clone()
+    p.zero()
+    p.run(fw)
+    assert p.theta.grad.norm() > 1.5 * d_exact.norm()  # 100 Frank-Wolfe steps stop far away
+
+
+def test_nash_mtl_heads_get_alpha_weighted_gradients_before_clipping():
+    # nash-mtl weight_methods.py NashMTL / LibMTL Nash_MTL.py: backward of sum_t alpha_t L_t,
+    # then clip_grad_norm_(shared, max_norm): heads keep the unclipped alpha_t grad L_t.
+    if not (HAS_CVXPY and HAS_ECOS):
+        pytest.skip("cvxpy/ecos missing")
+    p = Problem([[3.0, 0.0], [0.0, 40.0]], b=[2.0, 5.0])
+    s = balancing.create("nash_mtl", tasks=p.tasks)  # max_norm 1
+    alpha = wvec(p.run(s), p.tasks)
+    close(alpha, [1 / 3, 1 / 40], 1e-4)  # orthogonal: alpha_t = 1/|g_t|
+    close(torch.stack([h.grad for h in p.heads]), alpha * p.b, 1e-12)
+    d = alpha @ p.A
+    close(p.theta.grad, d * min(1.0, 1.0 / (d.norm().item() + 1e-6)), 1e-12)
+    assert p.theta.grad.norm() < d.norm()  # the clipping acted on the shared part only
+
+
+@pytest.mark.skipif(not (HAS_CVXPY and HAS_ECOS), reason="cvxpy/ecos missing")
+def test_nash_mtl_equals_the_reference_procedure_on_a_network():
+    data = make_data()
+    x, y = data
+    model = TinyMTL()
+    ref = copy.deepcopy(model)
+    s = balancing.create("nash_mtl", tasks=TASKS, max_norm=0.5)
+    alpha = torch.tensor(list(s.backward(model.losses(x, y), list(model.trunk.parameters()),
+                                         list(model.heads.parameters())).values()))
+    # the bargaining equation (J J^T) alpha = 1/alpha, to the reference's stopping tolerance
+    losses = ref.losses(x, y)
+    shared = list(ref.trunk.parameters())
+    J = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(losses[t], shared, retain_graph=True)])
+                     for t in TASKS]).double()
+    gtg = J @ J.T / torch.linalg.norm(J @ J.T)  # the reference's normalised Gramian
+    a = alpha.double() * torch.linalg.norm(J @ J.T) ** 0.5  # alpha of the normalised problem
+    assert torch.linalg.norm(gtg @ a - 1 / a) < 1e-2 * torch.linalg.norm(1 / a)
+    # the reference's backward with that alpha
+    sum(alpha[i] * losses[t] for i, t in enumerate(TASKS)).backward()
+    torch.nn.utils.clip_grad_norm_(shared, 0.5)
+    for (n, mine), theirs in zip(model.named_parameters(), ref.parameters()):
+        assert torch.allclose(mine.grad, theirs.grad, rtol=1e-5, atol=1e-7), n
+
+
+def test_mgda_equals_the_reference_procedure_on_a_network():
+    x, y = make_data()
+    model = TinyMTL()
+    ref = copy.deepcopy(model)
+    s = balancing.create("mgda", tasks=TASKS)
+    w = torch.tensor(list(s.backward(model.losses(x, y), list(model.trunk.parameters()),
+                                     list(model.heads.parameters())).values()), dtype=DT)
+    losses = ref.losses(x, y)
+    shared = list(ref.trunk.parameters())
+    J = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(losses[t], shared, retain_graph=True)])
+                     for t in TASKS]).double()
+    lam = _min_norm_by_enumeration(J)
+    sol = len(TASKS) * lam  # nash-mtl: sol * n_tasks, then backward of sum_t sol_t L_t
+    close(w, sol, 1e-5)
+    sum(float(sol[i]) * losses[t] for i, t in enumerate(TASKS)).backward()
+    for (n, mine), theirs in zip(model.named_parameters(), ref.parameters()):
+        assert torch.allclose(mine.grad, theirs.grad, rtol=1e-5, atol=1e-7), n
+
+
+def test_go4align_single_group_equals_the_reference_loop():
+    """autumn9999/GO4Align methods/cluster_methods.py GO4ALIGN.get_weighted_loss, num_groups=1,
+    written out over several steps with changing losses."""
+    eta = 0.05
+    sequence = [[1.0, 2.0, 4.0], [0.5, 3.0, 2.0], [2.5, 0.7, 1.1], [1.0, 1.0, 6.0]]
+    s = balancing.create("go4align", tasks=["t0", "t1", "t2"], eta=eta)
+    adv_probs = torch.ones(3, dtype=DT) / 3
+    for L in sequence:
+        p = Problem(A3, offsets=L)
+        w = wvec(p.run(s), p.tasks)
+        losses = torch.tensor(L, dtype=DT)
+        scale = losses.sum() / losses
+        adv_probs = adv_probs * torch.exp(-eta * losses)
+        adv_probs = adv_probs / adv_probs.sum()
+        weight = scale * adv_probs
+        kmeans_weight = torch.ones(3, dtype=DT) * torch.mean(weight)
+        close(w, kmeans_weight, 1e-12)
+        close(p.theta.grad, kmeans_weight @ p.A, 1e-12)  # loss = sum(losses * kmeans_weight)
+        close(torch.stack([h.grad for h in p.heads]), kmeans_weight * p.b, 1e-12)
+        close(s.p, adv_probs, 1e-12)
 
 
 @pytest.mark.skipif(not HAS_QUADPROG, reason="qpsolvers/quadprog missing")

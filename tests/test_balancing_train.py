@@ -38,6 +38,34 @@ SCHEDULE = {"dwa": (3, 1), "gradnorm": (3, 1)}
 DEFAULT_SCHEDULE = (1, 2)
 
 
+def _close(a: float, b: float, tol: float = 1e-6) -> bool:
+    return abs(a - b) <= tol * max(1.0, abs(b))
+
+
+def _w(record: dict) -> list[float]:
+    return [record["weights"][t] for t in TASKS]
+
+
+# What each strategy's weights must satisfy (its docstring; gatedmtl.balancing's scale table).
+WEIGHTS_OBEY = {
+    "ew": lambda r, T: _w(r) == [1.0] * T,
+    "si": lambda r, T: all(_close(r["weights"][t], 1.0 / r["loss"][t]) for t in TASKS),  # 1 / L_t
+    "dwa": lambda r, T: _close(sum(_w(r)), T) and min(_w(r)) > 0,  # T softmax
+    "gradnorm": lambda r, T: _close(sum(_w(r)), T) and min(_w(r)) > 0,  # T softmax
+    "mgda": lambda r, T: _close(sum(_w(r)), T) and min(_w(r)) >= 0,  # T x simplex
+    "rlw": lambda r, T: _close(sum(_w(r)), 1.0) and min(_w(r)) > 0,  # softmax
+    "famo": lambda r, T: _close(sum(_w(r)), 1.0) and min(_w(r)) > 0,  # z / (c D), sums to 1
+    "imtl_g": lambda r, T: _close(sum(_w(r)), 1.0),  # affine weights
+    "go4align": lambda r, T: len(set(_w(r))) == 1 and _w(r)[0] > 0,  # K = 1: one centroid
+    "db_mtl": lambda r, T: _close(min(_w(r)), 1.0, 1e-5) and min(_w(r)) > 0,  # max norm / norm_t
+    "uw": lambda r, T: all(0 < w for w in _w(r)) and (r["step"] > 1 or _w(r) == [0.5] * T),  # e^-s / 2, s = 0
+    "nash_mtl": lambda r, T: min(_w(r)) > 0,  # alpha > 0
+    "upgrad": lambda r, T: min(_w(r)) >= 0 and sum(_w(r)) >= 1 - 1e-6,  # sum of v >= u = 1/T each
+    "pcgrad": lambda r, T: sum(_w(r)) >= T - 1e-6,  # projections only add positive multiples
+    "cagrad": lambda r, T: min(_w(r)) >= 0 and sum(_w(r)) >= T / (1 + 0.4**2) - 1e-6,  # T/(1+c^2)(1/T + lam w)
+}
+
+
 def _need_solvers(name: str) -> None:
     for module in SOLVERS.get(name, ()):
         pytest.importorskip(
@@ -79,8 +107,9 @@ def _train_and_check(name: str, arch: str, model: str, tmp_path: Path) -> None:
             assert math.isfinite(r["weights"][t]), (name, arch, r)
         if arch == "gated":
             assert math.isfinite(r["gflops"]) and 0.0 <= r["density"] <= 1.0
-    # the strategy did something: at least one task weight is non-zero at every step
-    assert all(any(abs(w) > 0 for w in r["weights"].values()) for r in records)
+    # the logged weights obey the strategy's own definition at every step
+    for r in records:
+        assert WEIGHTS_OBEY[name](r, len(TASKS)), (name, arch, r)
     if name in SCHEDULE:  # past their warm-up, DWA / GradNorm weights move away from 1 (and sum to T)
         assert sum(records[-1]["weights"].values()) == pytest.approx(len(TASKS))
         assert records[-1]["weights"] != {t: 1.0 for t in TASKS}
@@ -102,6 +131,10 @@ def test_short_training_every_strategy(name, arch, tmp_path):
 @pytest.mark.parametrize("name", balancing.available())
 def test_short_training_every_strategy_resnet18(name, arch, tmp_path):
     _train_and_check(name, arch, SLOW_MODEL, tmp_path)
+
+
+def test_every_strategy_has_a_weight_check():
+    assert set(WEIGHTS_OBEY) == set(balancing.available())
 
 
 def test_available_strategies_are_the_documented_ones():

@@ -1,5 +1,4 @@
 """Data: the procedural scenes set (determinism, geometry) and the real loaders on tiny fixtures."""
-import time
 from pathlib import Path
 
 import numpy as np
@@ -121,27 +120,7 @@ def test_scene_segmentation_is_not_colour_thresholding():
     assert metric.compute()["miou"] < 40.0  # the best colour look-up table is poor
 
 
-def test_render_time():
-    render_scene(0)
-    t = time.process_time()
-    for i in range(20):
-        render_scene(i, (96, 128))
-    per_sample = (time.process_time() - t) / 20
-    assert per_sample < 0.02  # budget 5 ms; loose here because the test CPUs are shared
-
-
-@pytest.mark.slow
-def test_render_time_budget():
-    render_scene(0)
-    best = min(_time_batch() for _ in range(5))
-    assert best < 0.005
-
-
-def _time_batch():
-    t = time.perf_counter()
-    for i in range(50):
-        render_scene(i, (96, 128))
-    return (time.perf_counter() - t) / 50
+# rendering speed: benchmarks/data_speed.py (benchmarks/results/data_speed.md), not a test
 
 
 def test_scenes_dataset_items_feed_the_tasks():

@@ -53,7 +53,10 @@ Shared parameters in the trainer
   :math:`L_t` through ``beta`` and the shared layers above, and the gates take part in every
   task's loss. Aggregating only slot 0 would miss the conflicts in those paths, and per-slot
   splitting would change with the gate pattern during training. Only the heads feed one
-  task alone; they get the plain gradient, as for every gradient-level strategy.
+  task alone; they get the gradient their strategy's reference gives them: the plain sum
+  :math:`\\sum_t \\nabla L_t` (LibMTL; PCGrad, UPGrad, IMTL-G, CAGrad, GradNorm, DB-MTL with
+  its log-losses) or the weighted :math:`\\sum_t w_t \\nabla L_t` where the reference
+  backpropagates the weighted loss (``mgda``, ``nash_mtl``).
 
   Cost: a gradient-level strategy holds a ``[T, n]`` Jacobian over all ``(T + 1)`` backbone
   copies and does ``T`` backward passes (resnet18, 3 tasks: 45 M encoder parameters): its

@@ -22,23 +22,32 @@ class UW(LossStrategy):
     .. math:: \mathcal{L} = \sum_t \tfrac12\left(e^{-s_t} L_t + s_t\right),
 
     with learnable log-variances :math:`s` (initialised to 0) returned by
-    :meth:`extra_parameters`: the trainer must add them to its optimizer (the reference uses a
-    separate learning rate of 0.025 for them). The returned weights are
-    :math:`\tfrac12 e^{-s_t}`; at initialisation the update is half of EW's.
+    :meth:`extra_parameters`: the trainer adds them to its optimizer in their own parameter
+    group, at the learning rate ``lr`` (:attr:`extra_lr`; nash-mtl's ``--method-params-lr``,
+    0.025, as in the nash-mtl, FAMO and GO4Align experiments), without weight decay and on the
+    same schedule as the model. The returned weights are :math:`\tfrac12 e^{-s_t}`; at
+    initialisation the update is half of EW's.
 
     ``s`` is created on the CPU (float32); it is moved to the losses' device inside the graph,
     so its gradient still lands on the CPU parameter (PyTorch optimizers accept that).
+
+    :param lr: learning rate of the log-variances (default 0.025).
     """
 
     name = "uw"
     description = "Uncertainty weighting: sum_t 0.5*(exp(-s_t) L_t + s_t), s learnable (init 0)"
 
-    def __init__(self, tasks: Sequence[str]) -> None:
+    def __init__(self, tasks: Sequence[str], *, lr: float = 0.025) -> None:
         super().__init__(tasks)
+        self.lr = check_real(self.name, "lr", lr, gt=0.0)
         self.log_vars = nn.Parameter(torch.zeros(len(self.tasks)))
 
     def extra_parameters(self) -> list[nn.Parameter]:
         return [self.log_vars]
+
+    @property
+    def extra_lr(self) -> float | None:
+        return self.lr
 
     def objective(self, losses: list[Tensor], values: Tensor) -> tuple[Tensor, list[float]]:
         s = self.log_vars.to(losses[0].device)

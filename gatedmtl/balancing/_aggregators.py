@@ -5,6 +5,13 @@ float64 on the CPU, it is only ``T x T``), obtains task weights :math:`w` from t
 torchjd weighting, rescales them to the reference convention stated in each docstring and
 sets the shared update to :math:`d = w^\\top J`. Nash-MTL's weighting needs :math:`J` itself.
 
+Heads (``task_params``): each strategy follows its reference. PCGrad, UPGrad, IMTL-G and CAGrad
+give them the plain :math:`\\sum_t \\nabla L_t` (LibMTL; the IMTL paper updates each task's
+own parameters with its own loss gradient, the nash-mtl PCGrad/CAGrad code backpropagates the
+plain losses); MGDA and Nash-MTL give them :math:`\\sum_t w_t \\nabla L_t` with the weights of
+the shared update, as the official MGDA code and nash-mtl do (they backpropagate the weighted
+loss).
+
 Optional solvers: CAGrad needs ``cvxpy`` (with its default ``clarabel``), Nash-MTL ``cvxpy``
 and ``ecos``, UPGrad ``qpsolvers`` and ``quadprog``. A missing one raises an ImportError
 when the strategy is created.
@@ -20,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ._base import GradientStrategy, check_int, check_real
+from ._min_norm import min_norm_weights
 from ._registry import register
 
 __all__ = ["PCGrad", "UPGrad", "MGDA", "IMTLG", "CAGrad", "NashMTL"]
@@ -121,7 +129,7 @@ class UPGrad(GradientStrategy):
         super().__init__(tasks)
         self.norm_eps = check_real(self.name, "norm_eps", norm_eps, ge=0.0)
         self.reg_eps = check_real(self.name, "reg_eps", reg_eps, ge=0.0)
-        from torchjd._linalg import QuadprogProjector
+        from torchjd.linalg import QuadprogProjector
         from torchjd.aggregation import UPGradWeighting
 
         self._weighting = _build(
@@ -140,29 +148,43 @@ class UPGrad(GradientStrategy):
 class MGDA(GradientStrategy):
     r"""MGDA (Désidéri 2012; Sener & Koltun, *Multi-Task Learning as Multi-Objective
     Optimization*, NeurIPS 2018): the min-norm point of the convex hull of the task gradients,
-    found with the Frank-Wolfe solver of Sener & Koltun Alg. 2
-    (``torchjd.aggregation.MGDAWeighting``, from the uniform start):
 
     .. math:: \lambda^* = \arg\min_{\lambda \in \Delta_T} \Big\|\sum_t \lambda_t g_t\Big\|^2,
-              \qquad d = T \sum_t \lambda^*_t g_t.
+              \qquad w = T \lambda^*, \qquad d = \sum_t w_t g_t.
 
-    Scale: the weights are multiplied by :math:`T` (they sum to :math:`T`, nash-mtl convention
-    "to match the sum loss"). No gradient normalisation (reference default ``'none'``).
+    ``solver="exact"`` (default) solves this small QP on the ``T x T`` Gramian exactly with
+    Wolfe's min-norm-point algorithm (an active-set method; float64). ``solver="frank_wolfe"``
+    runs the Frank-Wolfe iterations of Sener & Koltun Alg. 2 instead
+    (``torchjd.aggregation.MGDAWeighting`` from the uniform start, stopped by ``epsilon`` /
+    ``max_iters``), which on 3 tasks can end several percent away from the optimum.
+
+    Scale and heads, as nash-mtl (``MGDA.get_weighted_loss``): the weights are multiplied by
+    :math:`T` (they sum to :math:`T`, "to match the sum loss") and the weighted loss
+    :math:`\sum_t w_t L_t` is backpropagated, so the heads (``task_params``) receive
+    :math:`\sum_t w_t \nabla L_t` (the official MGDA code does the same with
+    :math:`\lambda^*`). No gradient normalisation (reference default ``'none'``).
 
     *MGDA-UB* is the same solver applied to the gradients w.r.t. the shared *representation*
     (one backward through the encoder instead of T); this strategy applies MGDA to the gradients
     of the shared parameters (exact MGDA, an upper-bound-free variant), as the trainer passes no
     features.
 
-    :param epsilon: Frank-Wolfe stops when the step size falls below it (default 1e-3).
-    :param max_iters: maximal Frank-Wolfe iterations (default 100).
+    :param solver: ``"exact"`` (default) or ``"frank_wolfe"``.
+    :param epsilon: Frank-Wolfe only: stop when the step size falls below it (default 1e-3).
+    :param max_iters: Frank-Wolfe only: maximal iterations (default 100).
     """
 
     name = "mgda"
-    description = "MGDA: T * min-norm point of the convex hull of the task gradients (Frank-Wolfe)"
+    description = "MGDA: T * min-norm point of the convex hull of the task gradients (exact QP)"
+    weights_task_params = True
 
-    def __init__(self, tasks: Sequence[str], *, epsilon: float = 1e-3, max_iters: int = 100) -> None:
+    def __init__(
+        self, tasks: Sequence[str], *, solver: str = "exact", epsilon: float = 1e-3, max_iters: int = 100
+    ) -> None:
         super().__init__(tasks)
+        if solver not in ("exact", "frank_wolfe"):
+            raise ValueError(f"{self.name}: option 'solver' must be 'exact' or 'frank_wolfe', got {solver!r}")
+        self.solver = solver
         self.epsilon = check_real(self.name, "epsilon", epsilon, gt=0.0)
         self.max_iters = check_int(self.name, "max_iters", max_iters, ge=1)
         from torchjd.aggregation import MGDAWeighting
@@ -170,8 +192,12 @@ class MGDA(GradientStrategy):
         self._weighting = MGDAWeighting(epsilon=self.epsilon, max_iters=self.max_iters)
 
     def aggregate(self, jacobian: Tensor, values: Tensor) -> tuple[Tensor, list[float]]:
-        with torch.no_grad():
-            weights = self._weighting(_gramian(jacobian))
+        gram = _gramian(jacobian)
+        if self.solver == "exact":
+            weights = min_norm_weights(gram)
+        else:
+            with torch.no_grad():
+                weights = self._weighting(gram)
         return _combine(weights * len(self.tasks), jacobian)
 
 
@@ -189,6 +215,9 @@ class IMTLG(GradientStrategy):
     :math:`\alpha_{2:T} = g_1 U^\top (D U^\top)^{-1}` of the paper).
 
     Scale: weights sum to 1 (paper, nash-mtl, LibMTL): **mean**-like, EW/T for equal gradients.
+    Heads: the plain :math:`\sum_t \nabla L_t`, as the paper's algorithm (each task's own
+    parameters descend its own loss; the scaling factors act on the shared parameters) and
+    LibMTL (``IMTL``) do; nash-mtl's ``IMTLG`` backpropagates :math:`\sum_t w_t L_t` instead.
     """
 
     name = "imtl_g"
@@ -244,8 +273,9 @@ class CAGrad(GradientStrategy):
 
 @register
 class NashMTL(GradientStrategy):
-    r"""Nash-MTL (Navon et al., *Multi-Task Learning as a Bargaining Game*, ICML 2022), via
-    ``torchjd.aggregation.NashMTL`` (an adaptation of the official code; cvxpy + ECOS):
+    r"""Nash-MTL (Navon et al., *Multi-Task Learning as a Bargaining Game*, ICML 2022), via the
+    weighting of ``torchjd.aggregation.NashMTL`` (an adaptation of the official code; cvxpy +
+    ECOS):
 
     .. math::
         \text{find } \alpha > 0 \text{ with } (J J^\top)\,\alpha = 1/\alpha
@@ -253,10 +283,15 @@ class NashMTL(GradientStrategy):
         d = \sum_t \alpha_t g_t,
 
     solved by CCCP (at most ``optim_niter`` convex problems; the Gramian is divided by its
-    Frobenius norm inside the objective only, for conditioning), then :math:`d` is scaled down
-    to norm ``max_norm`` if longer (the reference clips the shared gradient norm). The solution
-    is recomputed every ``update_weights_every`` steps, warm started from the previous
-    :math:`\alpha`.
+    Frobenius norm inside the objective only, for conditioning). The solution is recomputed
+    every ``update_weights_every`` steps, warm started from the previous :math:`\alpha`.
+
+    As both references (nash-mtl ``NashMTL.backward``, LibMTL ``Nash_MTL.backward``), the loss
+    :math:`\sum_t \alpha_t L_t` is backpropagated, so the heads (``task_params``) receive
+    :math:`\sum_t \alpha_t \nabla L_t`, and then only the shared gradient is clipped to norm
+    ``max_norm`` (``torch.nn.utils.clip_grad_norm_``: :math:`d \leftarrow d \min(1,
+    \mathrm{max\_norm} / (\|d\| + 10^{-6}))`). The returned weights are :math:`\alpha`, before
+    that clipping.
 
     Scale: independent of the gradient scale (multiplying every :math:`g_t` by :math:`k`
     divides :math:`\alpha` by :math:`k`; orthogonal gradients give
@@ -270,6 +305,7 @@ class NashMTL(GradientStrategy):
 
     name = "nash_mtl"
     description = "Nash-MTL: bargaining solution (J J^T) alpha = 1/alpha, update norm capped at max_norm"
+    weights_task_params = True
 
     def __init__(
         self,
@@ -289,7 +325,7 @@ class NashMTL(GradientStrategy):
             self.name,
             lambda: _TorchjdNashMTL(
                 n_tasks=len(self.tasks),
-                max_norm=self.max_norm,
+                max_norm=0.0,  # the bargaining alpha itself; the shared update is clipped below
                 update_weights_every=self.update_weights_every,
                 optim_niter=self.optim_niter,
             ),
@@ -300,8 +336,12 @@ class NashMTL(GradientStrategy):
         with warnings.catch_warnings():
             # torchjd's CCCP problem is not DPP: cvxpy warns on every solve
             warnings.filterwarnings("ignore", message=".*not DPP.*")
-            weights = self._aggregator.weighting(jacobian.detach())
-        return _combine(weights, jacobian)
+            alpha = self._aggregator.weighting(jacobian.detach())
+        update, weights = _combine(alpha, jacobian)
+        if self.max_norm > 0:
+            norm = float(torch.linalg.vector_norm(update.double()))
+            update = update * min(1.0, self.max_norm / (norm + 1e-6))
+        return update, weights
 
     def state_dict(self) -> dict[str, Tensor]:
         w = self._aggregator.weighting
@@ -326,4 +366,3 @@ class NashMTL(GradientStrategy):
             # aggregator is past it, so build it now, warm-started from the restored alpha
             w._init_optim_problem()
             w.step = float(step)
-

@@ -8,10 +8,16 @@ of ``sum(losses).backward()``. Two families share this interface:
   every parameter of the graph receives the gradient of that objective.
 * :class:`GradientStrategy` (``needs_grads = True``) backpropagates each task's objective
   separately, collects the per-task gradients of the *shared* parameters into a Jacobian
-  ``J`` (one row per task) and replaces their gradient by an aggregation ``d = agg(J)``. Every
-  other parameter of the graph (task heads, the ``task_params``) receives the plain gradient of
-  the sum of the per-task objectives, as LibMTL does (``sum_t L_t``; ``sum_t log(L_t + 1e-8)``
-  for DB-MTL).
+  ``J`` (one row per task) and replaces their gradient by an aggregation ``d = agg(J)``. The
+  ``task_params`` (heads) receive, as the strategy's reference does, either the plain gradient
+  of the sum of the per-task objectives (LibMTL: ``sum_t L_t``; ``sum_t log(L_t + 1e-8)`` for
+  DB-MTL) or, where the reference backpropagates the weighted loss (Nash-MTL, MGDA),
+  ``sum_t w_t grad f_t`` with the strategy's weights (:attr:`GradientStrategy.weights_task_params`).
+  Any other parameter of the graph gets the plain sum.
+
+In a data-parallel run the trainer passes gradient-level strategies an ``all_reduce`` callable
+that averages the Jacobian over the ranks before the aggregation, so that the strategy combines
+the per-task gradients of the global batch (:mod:`gatedmtl.parallel`).
 
 Gradients are *accumulated* like ``loss.backward()`` does: a ``.grad`` that already holds a value
 is added to, never overwritten.
@@ -187,6 +193,7 @@ class Strategy(ABC):
         *,
         step: int = 0,
         epoch: int = 0,
+        all_reduce: Callable[[Tensor], None] | None = None,
     ) -> dict[str, float]:
         """Populates ``.grad`` (accumulating, like ``loss.backward()``) of ``shared_params``,
         ``task_params`` and every other parameter of the graph, and returns the task weights
@@ -203,6 +210,9 @@ class Strategy(ABC):
             :meth:`state_dict`, so a resumed run continues exactly).
         :param epoch: current epoch, informational (epoch statistics come via
             :meth:`end_epoch`).
+        :param all_reduce: data parallel only: averages a tensor over the ranks in place.
+            Gradient-level strategies apply it to the Jacobian before aggregating; loss-level
+            ones ignore it (DDP averages their single backward).
 
         Like ``loss.backward()``, the graph is freed afterwards.
         """
@@ -210,6 +220,11 @@ class Strategy(ABC):
     def extra_parameters(self) -> list[nn.Parameter]:
         """Learnable strategy parameters that the trainer's optimizer must also step."""
         return []
+
+    @property
+    def extra_lr(self) -> float | None:
+        """Learning rate of :meth:`extra_parameters` (``None``: the model's learning rate)."""
+        return None
 
     def after_optimizer_step(self, recompute_losses: Callable[[], Mapping[str, Tensor]]) -> None:
         """Called after ``optimizer.step()``; ``recompute_losses`` re-evaluates the losses of
@@ -342,6 +357,7 @@ class LossStrategy(Strategy):
         *,
         step: int = 0,
         epoch: int = 0,
+        all_reduce: Callable[[Tensor], None] | None = None,
     ) -> dict[str, float]:
         ordered, values = self._prepare_losses(losses)
         total, weights = self.objective(ordered, values)
@@ -357,12 +373,16 @@ class GradientStrategy(Strategy):
     flattened gradient of the shared parameters as row :math:`t` of :math:`J \in
     \mathbb{R}^{T \times n}`, and finally sets the shared gradients to
     :math:`d = \mathrm{aggregate}(J)` (added to whatever ``.grad`` held before the call).
-    Every other parameter of the graph keeps the plain accumulated gradient
-    :math:`\sum_t \nabla f_t` (LibMTL convention; heads are not re-weighted).
+    The ``task_params`` receive :math:`\sum_t w_t \nabla f_t` with the returned weights if
+    :attr:`weights_task_params`, else the plain :math:`\sum_t \nabla f_t`; every other
+    parameter of the graph keeps the plain accumulated sum.
     """
 
     needs_grads: ClassVar[bool] = True
     min_tasks: ClassVar[int] = 2
+    weights_task_params: ClassVar[bool] = False
+    """True where the reference backpropagates ``sum_t w_t f_t``, so that the heads get the
+    weighted gradient (Nash-MTL, MGDA); False where it gives them the plain sum (LibMTL)."""
 
     def task_objectives(self, losses: list[Tensor], values: Tensor) -> list[Tensor]:
         """The per-task objectives whose shared gradients form ``J`` (default: the losses)."""
@@ -384,14 +404,22 @@ class GradientStrategy(Strategy):
         *,
         step: int = 0,
         epoch: int = 0,
+        all_reduce: Callable[[Tensor], None] | None = None,
     ) -> dict[str, float]:
         ordered, values = self._prepare_losses(losses)
+        if not isinstance(task_params, Tensor):
+            task_params = list(task_params)  # iterated twice
         shared = self._check_params(shared_params, task_params)
+        separate = [p for p in task_params if p.requires_grad] if self.weights_task_params else []
         objectives = self.task_objectives(ordered, values)
-        jacobian, stash = _per_task_gradients(objectives, shared)
+        jacobian, stash, per_task, separate_stash = _per_task_gradients(objectives, shared, separate)
+        if all_reduce is not None:
+            all_reduce(jacobian)
         update, weights = self.aggregate(jacobian, values)
         del jacobian
         _write_shared(shared, update, stash)
+        if separate:
+            _write_weighted(separate, [float(w) for w in weights], per_task, separate_stash)
         return dict(zip(self.tasks, (float(w) for w in weights)))
 
     def _check_params(
@@ -424,13 +452,18 @@ class GradientStrategy(Strategy):
 
 
 def _per_task_gradients(
-    objectives: list[Tensor], shared: list[nn.Parameter]
-) -> tuple[Tensor, list[Tensor | None]]:
-    """Backpropagates each objective; returns ``J`` (``[T, n]``) of the shared parameters and
-    their previous ``.grad`` values. The shared ``.grad`` fields are left as ``None``."""
+    objectives: list[Tensor], shared: list[nn.Parameter], separate: Sequence[nn.Parameter] = ()
+) -> tuple[Tensor, list[Tensor | None], list[list[Tensor | None]], list[Tensor | None]]:
+    """Backpropagates each objective; returns ``J`` (``[T, n]``) of the shared parameters, their
+    previous ``.grad`` values, and, for the ``separate`` parameters, each task's gradients and
+    their previous ``.grad`` values. The ``.grad`` fields of both are left as ``None``."""
     stash = [p.grad for p in shared]
     for p in shared:
         p.grad = None
+    separate_stash = [p.grad for p in separate]
+    for p in separate:
+        p.grad = None
+    per_task: list[list[Tensor | None]] = []
     dtype = shared[0].dtype
     for p in shared[1:]:
         dtype = torch.promote_types(dtype, p.dtype)
@@ -439,6 +472,7 @@ def _per_task_gradients(
     last = max((i for i, f in enumerate(objectives) if f.requires_grad), default=-1)
     for i, f in enumerate(objectives):
         if not f.requires_grad:
+            per_task.append([None] * len(separate))
             continue  # row stays zero: the task does not depend on any parameter
         f.backward(retain_graph=i < last)
         offset = 0
@@ -448,7 +482,10 @@ def _per_task_gradients(
                 jacobian[i, offset : offset + n].copy_(p.grad.reshape(-1))
                 p.grad = None
             offset += n
-    return jacobian, stash
+        per_task.append([p.grad for p in separate])
+        for p in separate:
+            p.grad = None
+    return jacobian, stash, per_task, separate_stash
 
 
 def _write_shared(shared: list[nn.Parameter], update: Tensor, stash: list[Tensor | None]) -> None:
@@ -458,3 +495,22 @@ def _write_shared(shared: list[nn.Parameter], update: Tensor, stash: list[Tensor
         g = update[offset : offset + n].reshape(p.shape).to(p.dtype)
         p.grad = g.clone() if old is None else old + g
         offset += n
+
+
+def _write_weighted(
+    params: list[nn.Parameter],
+    weights: list[float],
+    per_task: list[list[Tensor | None]],
+    stash: list[Tensor | None],
+) -> None:
+    """``p.grad = old + sum_t weights[t] * per_task[t][p]`` (``None`` where no task reached p)."""
+    for j, (p, old) in enumerate(zip(params, stash)):
+        total: Tensor | None = None
+        for w, grads in zip(weights, per_task):
+            g = grads[j]
+            if g is not None:
+                total = g * w if total is None else total + g * w
+        if total is None:
+            p.grad = old
+        else:
+            p.grad = total if old is None else old + total

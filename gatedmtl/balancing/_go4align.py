@@ -31,9 +31,15 @@ class GO4Align(LossStrategy):
             && (K = 1:\ w_t = \mathrm{mean}(\gamma))\\
         \mathcal{L} &= \sum_t w_t L_t.
 
-    The clustering is an *exact* 1-D k-means (dynamic programming, deterministic), where the
-    reference runs Lloyd's algorithm (``kmeans_pytorch``) from a random start; both minimise the
-    same objective, ours always reaches the global optimum. Scale: with equal losses and
+    ``K = 1`` (the official default) needs no clustering: :math:`w_t = \mathrm{mean}(\gamma)`,
+    the reference formula (``tests/test_balancing.py`` checks it step by step). For ``K >= 2``
+    the clustering is an *exact* 1-D k-means (:func:`~gatedmtl.balancing.kmeans_1d`, dynamic
+    programming, deterministic), where the reference runs Lloyd's algorithm
+    (``kmeans_pytorch``, Euclidean, random initial centres, until the centres move less than
+    1e-4). Both minimise the same within-cluster sum of squares; Lloyd's can stop in a local
+    optimum and its result depends on the random start, ours is the global optimum and depends
+    on :math:`\gamma` only, so the weights agree whenever Lloyd's finds the optimal partition
+    (for instance for well-separated groups). Scale: with equal losses and
     :math:`p = 1/T`, :math:`\gamma = 1` and the update equals EW's. Losses must be strictly
     positive. :math:`p` (float64) is the state.
 
