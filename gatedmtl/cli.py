@@ -76,7 +76,7 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--budget-mode", choices=("max", "target"), default="target",
                    help="target: penalise any distance from the budget, so that training ends at it; "
                         "max: penalise only a cost above it (hinge)")
-    p.add_argument("--gate-group", type=int, default=1,
+    p.add_argument("--gate-group", type=int, default=16,
                    help="channels decided by one gate (e.g. 8 or 16: lean layers keep multiples of it, "
                         "which vectorised CPU kernels run faster)")
     p.add_argument("--tau", default="", help="GatedMTL's per-task targets (fraction of task-specific channels), "

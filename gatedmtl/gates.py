@@ -20,7 +20,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ChannelGate", "straight_through", "check_group"]
+__all__ = ["ChannelGate", "straight_through", "check_group", "DEFAULT_GATE_GROUP"]
+
+DEFAULT_GATE_GROUP = 16
+"""Channels per gate of a new conversion: ONNX Runtime's blocked (NCHWc) CPU convolutions run
+widths in multiples of 16 without padding, and the lean graph then runs at its FLOP speed
+(benchmarks/results/latency*.md); 1 gates every channel on its own, as in the GatedMTL paper."""
 
 
 def straight_through(alpha: Tensor) -> Tensor:

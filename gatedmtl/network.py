@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import load_weights
+from .gates import DEFAULT_GATE_GROUP
 from .prune import LeanModel, prune
 from .surgery import GatedModel, convert
 from .tasks import Task, create_task
@@ -117,7 +118,7 @@ def _feature_channels(encoder_out: Any) -> list[int]:
 
 
 def build_network(backbone: nn.Module, tasks: Mapping[str, Task] | Sequence[Task], input_size: tuple[int, int, int],
-                  arch: str = "gated", *, init_logit: float = 1.0, gate_group: int = 1,
+                  arch: str = "gated", *, init_logit: float = 1.0, gate_group: int = DEFAULT_GATE_GROUP,
                   task_weights: Mapping[str, Mapping[str, Tensor]] | None = None) -> MultiTaskNet:
     """Encoder (``arch``: ``gated`` or ``shared``) + one head per task, sized by a probe pass."""
     if arch not in ARCHS:

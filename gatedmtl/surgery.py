@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .gates import ChannelGate, check_group
+from .gates import DEFAULT_GATE_GROUP, ChannelGate, check_group
 from .probe import probe
 from .slots import SlotModule, fold, is_slot_unit, unfold_slot
 
@@ -164,7 +164,7 @@ def convert(
     *,
     input_size: tuple[int, ...] | None = None,
     init_logit: float = 1.0,
-    gate_group: int = 1,
+    gate_group: int = DEFAULT_GATE_GROUP,
     task_weights: Mapping[str, Mapping[str, Tensor]] | None = None,
 ) -> GatedModel:
     """Turn ``backbone`` into a :class:`GatedModel` with a shared slot and one slot per task.
@@ -176,9 +176,9 @@ def convert(
         input_size: ``(C, H, W)`` used to probe the backbone once; defaults to timm's
             ``pretrained_cfg['input_size']`` or ``(3, 224, 224)``.
         init_logit: initial gate logit for every task channel (> 0: open, < 0: closed).
-        gate_group: channels decided by one gate logit (consecutive channels). With 8 or 16 every
+        gate_group: channels decided by one gate logit (consecutive channels; default 16). Every
             lean layer keeps a multiple of it per slot, which CPU kernels (ONNX Runtime's NCHWc
-            convolutions) run without padding; 1 gates every channel on its own.
+            convolutions) run without padding; 1 gates every channel on its own (the paper's gates).
         task_weights: optional ``{task: backbone state dict}`` (e.g. single-task checkpoints)
             that initialise task branches instead of the backbone's own weights.
 

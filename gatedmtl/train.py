@@ -39,7 +39,7 @@ from .files import check_not_special, check_output, remove_stale_temps
 from .cost import count_flops, expected_flops, predict_flops
 from .data import create_dataset
 from .network import MultiTaskNet, build_backbone, build_network, tasks_from_spec
-from .gates import ChannelGate, check_group
+from .gates import DEFAULT_GATE_GROUP, ChannelGate, check_group
 from .parallel import all_reduce_mean_, average_running_stats, broadcast_state, global_losses, init_distributed
 from .parallel import dist_info as _dist_info
 from .parallel import unreached_parameters
@@ -85,7 +85,7 @@ class TrainConfig:
     budget_mode: str = "target"  # "target": |cost / budget - 1|; "max": hinge above the budget only
     sparsity_warmup: int = 0  # epochs without the sparsity term
     init_logit: float = 1.0
-    gate_group: int = 1  # channels per gate logit (lean widths become multiples of it)
+    gate_group: int = DEFAULT_GATE_GROUP  # channels per gate logit (lean widths become multiples of it)
     tau: dict[str, float] = field(default_factory=dict)
     lambda_tau: float = 1.0
     balance: str = "ew"

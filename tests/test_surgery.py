@@ -77,7 +77,7 @@ def test_parity_and_flops_more_families(name, build, size):
 
 def test_output_structure_and_gate_shapes():
     backbone = timm.create_model("hrnet_w18_small_v2", pretrained=False, features_only=True).eval()
-    model = gatedmtl.convert(backbone, T, input_size=(3, 64, 64))
+    model = gatedmtl.convert(backbone, T, input_size=(3, 64, 64), gate_group=1)
     out = model(torch.randn(2, 3, 64, 64))
     ref = backbone(torch.randn(2, 3, 64, 64))
     assert list(out) == list(T)
@@ -119,7 +119,7 @@ def test_train_mode_gradients_reach_gates_and_every_slot():
 
 
 def test_closed_gate_gives_no_gradient_to_its_filter():
-    model = gatedmtl.convert(torchvision.models.resnet18(weights=None), T, input_size=(3, 32, 32))
+    model = gatedmtl.convert(torchvision.models.resnet18(weights=None), T, input_size=(3, 32, 32), gate_group=1)
     perturb_slots(model)
     set_gates(model, "open")
     gate = model.backbone.layer1[0].bn1.gate
