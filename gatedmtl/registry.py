@@ -31,7 +31,11 @@ class Registry(Generic[C]):
     def names(self) -> list[str]:
         return sorted(self._classes)
 
-    def create(self, name: str, **kwargs: Any) -> Any:
+    def get(self, name: str) -> C:
+        """The class registered under ``name``; ``ValueError`` listing the known names otherwise."""
         if name not in self._classes:
             raise ValueError(f"unknown {self.kind} {name!r}; available {self.kind}s: {', '.join(self.names())}")
-        return self._classes[name](**kwargs)
+        return self._classes[name]
+
+    def create(self, name: str, **kwargs: Any) -> Any:
+        return self.get(name)(**kwargs)

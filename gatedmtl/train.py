@@ -37,7 +37,7 @@ from .budget import project_to_budget, resolve_budget, sparsity_loss, task_targe
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, read_meta, save_checkpoint
 from .files import check_not_special, check_output, remove_stale_temps
 from .cost import count_flops, expected_flops, predict_flops
-from .data import create_dataset
+from .data import create_dataset, dataset_tasks
 from .network import MultiTaskNet, build_backbone, build_network, tasks_from_spec
 from .gates import DEFAULT_GATE_GROUP, ChannelGate, check_group
 from .parallel import all_reduce_mean_, average_running_stats, broadcast_state, global_losses, init_distributed
@@ -67,8 +67,8 @@ class TrainConfig:
     tasks: tuple[str, ...] = ("seg", "depth", "normals")
     data: str = "scenes"
     data_root: str | None = None
-    image_size: tuple[int, int] = (96, 128)  # embedded scenes only; real data sets have their own
-    train_length: int = 512  # embedded scenes only
+    image_size: tuple[int, int] = (96, 128)  # scenes and fashion-scenes only; other data sets have their own
+    train_length: int = 512  # scenes and fashion-scenes only
     val_length: int = 128
     arch: str = "gated"
     budget: str | None = "0.5"  # fraction of the full (T+1)-branch encoder, or "2.5GF"; None: no sparsity
@@ -204,15 +204,24 @@ def resume_config(out: str | Path, overrides: Mapping[str, Any] | None = None) -
 
 
 def make_datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
-    """Train and validation sets of ``config.data`` (the embedded scenes need no files)."""
+    """Train and validation sets of ``config.data`` (the embedded scenes need no files; the
+    Fashion-MNIST / MNIST sets have default roots, see :mod:`gatedmtl.data.items`)."""
     if config.data == "scenes":
         kw = dict(size=tuple(config.image_size), tasks=tuple(config.tasks))
         return (create_dataset("scenes", split="train", length=config.train_length, seed=config.seed, **kw),
                 create_dataset("scenes", split="val", length=config.val_length, seed=config.seed, **kw))
+    dataset_tasks(config.data)  # an unknown name: ValueError listing the known ones
+    if config.data in ("multimnist", "multifashion", "fashion-mnist-mnist", "fashion-scenes"):  # default roots
+        kw = dict(root=config.data_root, seed=config.seed, tasks=tuple(config.tasks))
+        if config.data != "fashion-scenes":
+            return create_dataset(config.data, split="train", **kw), create_dataset(config.data, split="val", **kw)
+        kw["size"] = tuple(config.image_size)
+        return (create_dataset(config.data, split="train", length=config.train_length, **kw),
+                create_dataset(config.data, split="val", length=config.val_length, **kw))
     if config.data_root is None:
         raise ValueError(f"data set {config.data!r} needs --data-root PATH")
     kw = dict(root=config.data_root)
-    if config.data in ("nyuv2", "cityscapes"):
+    if config.data in ("nyuv2", "cityscapes", "nyud-png"):
         kw["tasks"] = tuple(config.tasks)
     return create_dataset(config.data, split="train", **kw), create_dataset(config.data, split="val", **kw)
 
@@ -237,7 +246,7 @@ def build_from_config(config: TrainConfig, task_spec: Mapping[str, Mapping[str, 
     """The network a run trains: backbone (+ local checkpoint), encoder arch, heads."""
     backbone = build_backbone(config.model, pretrained=config.pretrained and load_pretrained,
                               checkpoint=config.checkpoint if load_pretrained else None,
-                              partial=config.partial_checkpoint)
+                              partial=config.partial_checkpoint, in_chans=input_size[0])
     task_weights = None
     if config.init_task_weights and load_pretrained:
         task_weights = {t: load_weights(p) for t, p in config.init_task_weights.items()}

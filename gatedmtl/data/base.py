@@ -24,13 +24,18 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 class MultiTaskDataset(Dataset):
-    """A map-style data set whose items are ``{"image": [3,H,W] float, <task>: target, ...}``.
+    """A map-style data set whose items are ``{"image": [C,H,W] float, <task>: target, ...}``
+    (C = 3, or 1 for the grey MultiMNIST-style sets).
 
     ``tasks`` maps every task name the set provides to the kwargs of
-    :func:`gatedmtl.tasks.create_task` (e.g. ``{"seg": {"num_classes": 7}, "depth": {}}``).
+    :func:`gatedmtl.tasks.create_task` (e.g. ``{"seg": {"num_classes": 7}, "depth": {}}``); a
+    ``"task"`` entry names the task type when the name differs
+    (``{"left": {"task": "classify", "num_classes": 10}}``). ``default_tasks`` are the tasks a
+    run trains when none are given.
     """
 
     tasks: dict[str, dict[str, Any]]
+    default_tasks: tuple[str, ...] = ()
 
     def __len__(self) -> int:  # pragma: no cover - abstract
         raise NotImplementedError

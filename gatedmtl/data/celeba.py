@@ -66,6 +66,8 @@ class CelebADataset(MultiTaskDataset):
     """CelebA. Items: ``image`` [3,H,W] (native 218×178, or ``size`` (H, W) bilinear) and
     ``attributes`` float {0,1} [A] for the chosen ``attributes`` (default: all 40, file order)."""
 
+    default_tasks: tuple[str, ...] = ("attributes",)
+
     def __init__(
         self,
         root: str | Path,

@@ -40,6 +40,8 @@ class CityscapesDataset(MultiTaskDataset):
     """Cityscapes (MTAN .npy layout). Items: ``image`` [3,H,W], ``seg`` long [H,W] (255 = ignore,
     ``classes`` ∈ {2, 7, 19}), ``depth`` [1,H,W] (disparity, 0 = invalid)."""
 
+    default_tasks: tuple[str, ...] = ("seg", "depth")
+
     def __init__(
         self,
         root: str | Path,

@@ -40,6 +40,8 @@ class NYUv2Dataset(MultiTaskDataset):
     """NYUv2 (MTAN .npy layout). Items: ``image`` [3,H,W], ``seg`` long [H,W] (255 = ignore),
     ``depth`` [1,H,W], ``normals`` [3,H,W]. ``num_classes=40`` reads 40-class label maps."""
 
+    default_tasks: tuple[str, ...] = ("seg", "depth", "normals")
+
     def __init__(
         self,
         root: str | Path,

@@ -6,7 +6,7 @@ from typing import Any, Callable, TypeVar
 from ..registry import Registry
 from .base import MultiTaskDataset
 
-__all__ = ["register_dataset", "create_dataset", "available_datasets"]
+__all__ = ["register_dataset", "create_dataset", "available_datasets", "dataset_tasks"]
 
 _DATASETS: Registry[type[MultiTaskDataset]] = Registry("dataset")
 
@@ -29,3 +29,9 @@ def create_dataset(name: str, **kwargs: Any) -> MultiTaskDataset:
     Raises ``ValueError`` listing the known names when ``name`` is unknown.
     """
     return _DATASETS.create(name, **kwargs)
+
+
+def dataset_tasks(name: str) -> tuple[str, ...]:
+    """The tasks data set ``name`` provides by default (its class's ``default_tasks``), e.g.
+    ``("left", "right")`` for ``multifashion``. ``ValueError`` listing the known names when unknown."""
+    return tuple(_DATASETS.get(name).default_tasks)

@@ -454,6 +454,8 @@ class ScenesDataset(MultiTaskDataset):
     (and ignored) so that every data set can be built with the same keyword arguments.
     """
 
+    default_tasks: tuple[str, ...] = ("seg", "depth", "normals")
+
     def __init__(
         self,
         split: str = "train",

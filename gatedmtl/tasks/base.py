@@ -1,6 +1,7 @@
 """The :class:`Task` interface: name + head factory + loss + metric accumulator."""
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 from torch import Tensor, nn
@@ -44,6 +45,14 @@ class Task:
     def postprocess(self, pred: Tensor) -> Tensor:
         """Head output -> prediction in target units (e.g. argmax labels, unit normals)."""
         return pred
+
+    def renamed(self, name: str) -> "Task":
+        """A copy of this task under another key, e.g. two classification tasks ``left`` and ``right``."""
+        if not name or not isinstance(name, str):
+            raise ValueError(f"a task name must be a non-empty string, got {name!r}")
+        task = copy.copy(self)
+        task.name = name
+        return task
 
     def extra_repr(self) -> str:
         return ""

@@ -1,4 +1,4 @@
-"""Dense tasks: semantic segmentation, depth, surface normals."""
+"""Dense tasks: semantic segmentation, depth, surface normals, boundaries."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -8,11 +8,11 @@ from torch import Tensor, nn
 
 from .base import Task
 from .heads import DenseHead
-from .losses import depth_l1_loss, normal_cosine_loss, seg_loss
-from .metrics import DepthMetric, Metric, NormalMetric, SegMetric
+from .losses import boundary_loss, depth_l1_loss, normal_cosine_loss, seg_loss
+from .metrics import BoundaryMetric, DepthMetric, Metric, NormalMetric, SegMetric
 from .registry import register_task
 
-__all__ = ["SegTask", "DepthTask", "NormalsTask"]
+__all__ = ["SegTask", "DepthTask", "NormalsTask", "BoundaryTask"]
 
 
 class _DenseTask(Task):
@@ -104,3 +104,38 @@ class NormalsTask(_DenseTask):
 
     def postprocess(self, pred: Tensor) -> Tensor:
         return F.normalize(pred, dim=1)
+
+
+@register_task("boundary")
+class BoundaryTask(_DenseTask):
+    """Binary boundary (edge) detection. Head -> logits [B,1,H,W]; target {0,1} [B,1,H,W] or [B,H,W].
+
+    Loss: class-balanced BCE (:func:`~gatedmtl.tasks.losses.boundary_loss`; ``pos_weight=None``:
+    HED's per-batch balance). Metrics (%, all higher is better, :class:`BoundaryMetric` with
+    ``tolerance`` pixels): ``odsf`` (primary), ``f1``, ``precision``, ``recall``.
+    """
+
+    name = "boundary"
+    metric_directions = (("odsf", True), ("f1", True), ("precision", True), ("recall", True))
+    primary_metric = "odsf"
+    out_channels = 1
+
+    def __init__(self, pos_weight: float | None = None, tolerance: int = 1, head_channels: int | None = None) -> None:
+        super().__init__(head_channels)
+        if pos_weight is not None and not 0.0 < float(pos_weight) < 1.0:
+            raise ValueError(f"pos_weight must be in (0, 1) or None (per-batch balance), got {pos_weight}")
+        self.pos_weight = None if pos_weight is None else float(pos_weight)
+        self.tolerance = int(tolerance)
+        BoundaryMetric(self.tolerance)  # validates the tolerance now rather than at the first evaluation
+
+    def loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        return boundary_loss(pred, target, self.pos_weight)
+
+    def metrics(self) -> Metric:
+        return BoundaryMetric(self.tolerance)
+
+    def postprocess(self, pred: Tensor) -> Tensor:
+        return (pred > 0).float()
+
+    def extra_repr(self) -> str:
+        return f"pos_weight={self.pos_weight}, tolerance={self.tolerance}"

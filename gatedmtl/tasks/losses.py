@@ -12,6 +12,7 @@ __all__ = [
     "normal_cosine_loss",
     "classify_loss",
     "attributes_loss",
+    "boundary_loss",
     "normal_valid_mask",
 ]
 
@@ -71,3 +72,18 @@ def classify_loss(pred: Tensor, target: Tensor) -> Tensor:
 def attributes_loss(pred: Tensor, target: Tensor) -> Tensor:
     """Binary cross-entropy with logits [B,A] against {0,1} targets [B,A], mean over all entries."""
     return F.binary_cross_entropy_with_logits(pred, target.to(pred.dtype))
+
+
+def boundary_loss(pred: Tensor, target: Tensor, pos_weight: float | None = None) -> Tensor:
+    """Class-balanced binary cross-entropy of boundary logits [B,1,H,W] against {0,1} maps.
+
+    L = (w Σ_{y=1} bce + (1 − w) Σ_{y=0} bce) / N over all N pixels. ``pos_weight=None``: w is the
+    fraction of non-boundary pixels in the batch (HED, Xie & Tu, ICCV 2015, Eq. 2); a number
+    fixes it (Vandenhende et al. use 0.95 for PASCAL-Context edges). target [B,1,H,W] or [B,H,W].
+    """
+    target = _as_map(target).float()
+    pred = match_size(pred, target.shape[-2:]).float()
+    pos = (target > 0.5).to(pred.dtype)
+    w = (1.0 - pos.mean()) if pos_weight is None else torch.as_tensor(float(pos_weight), dtype=pred.dtype)
+    bce = F.binary_cross_entropy_with_logits(pred, pos, reduction="none")
+    return (w * (bce * pos).sum() + (1.0 - w) * (bce * (1.0 - pos)).sum()) / pos.numel()
