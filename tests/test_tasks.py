@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from gatedmtl.tasks import Task, available_tasks, create_task, delta_mtl, mean_rank
-from gatedmtl.tasks.metrics import AttributeMetric, ClassifyMetric, DepthMetric, NormalMetric, SegMetric
+from gatedmtl.tasks.losses import boundary_loss
+from gatedmtl.tasks.metrics import AttributeMetric, BoundaryMetric, ClassifyMetric, DepthMetric, NormalMetric, SegMetric
 
 TASK_KWARGS = {
     "seg": {"num_classes": 5},
@@ -14,6 +15,7 @@ TASK_KWARGS = {
     "normals": {},
     "classify": {"num_classes": 4},
     "attributes": {"num_attributes": 3},
+    "boundary": {},
 }
 
 
@@ -249,6 +251,8 @@ def _random_target(name, b, size):
         return torch.nn.functional.normalize(torch.randn(b, 3, *size), dim=1)
     if name == "classify":
         return torch.randint(0, 4, (b,))
+    if name == "boundary":
+        return (torch.rand(b, 1, *size) < 0.2).float()
     return torch.randint(0, 2, (b, 3)).float()
 
 
@@ -272,6 +276,51 @@ def test_heads_losses_train_end_to_end(name):
     head.eval()
     m.update(head(feats), target)
     assert all(math.isfinite(v) for v in m.compute().values())
+
+
+# ----------------------------------------------------------------------------- boundary task
+def _bce(x, y):
+    p = 1 / (1 + math.exp(-x))
+    return -math.log(p) if y else -math.log(1 - p)
+
+
+def test_boundary_loss_is_class_balanced_bce():
+    pred = torch.tensor([2.0, -1.0, 0.5, -3.0]).view(1, 1, 2, 2)
+    target = torch.tensor([1.0, 0.0, 0.0, 0.0]).view(1, 2, 2)
+    terms = [_bce(x, y) for x, y in zip([2.0, -1.0, 0.5, -3.0], [1, 0, 0, 0])]
+    w = 3 / 4  # share of non-boundary pixels (HED)
+    assert boundary_loss(pred, target).item() == pytest.approx((w * terms[0] + (1 - w) * sum(terms[1:])) / 4, rel=1e-6)
+    assert boundary_loss(pred, target, 0.95).item() == pytest.approx((0.95 * terms[0] + 0.05 * sum(terms[1:])) / 4, rel=1e-6)
+    task = create_task("boundary", pos_weight=0.95)
+    assert task.loss(pred, target).item() == pytest.approx(boundary_loss(pred, target, 0.95).item())
+    with pytest.raises(ValueError, match="pos_weight"):
+        create_task("boundary", pos_weight=1.5)
+
+
+def test_boundary_metric_hand_computed():
+    gt = torch.zeros(1, 1, 6, 6)
+    gt[..., :, 2] = 1  # a vertical line, 6 pixels
+    logits = torch.full((1, 1, 6, 6), -5.0)
+    logits[..., :, 3] = 5.0  # the line predicted one column off
+    logits[..., 0, 0] = 5.0  # a false positive far away
+    exact = BoundaryMetric()
+    exact.update(logits, gt)
+    assert exact.compute() == {"odsf": 0.0, "f1": 0.0, "precision": 0.0, "recall": 0.0}
+    near = BoundaryMetric(tolerance=1)
+    near.update(logits, gt[:, 0])
+    p, r = 6 / 7, 1.0
+    assert near.compute()["precision"] == pytest.approx(100 * p) and near.compute()["recall"] == pytest.approx(100)
+    assert near.compute()["f1"] == pytest.approx(100 * 2 * p * r / (p + r))
+    # ODS: one threshold for the whole set; here 0.8 removes the false positive (probability 0.7)
+    logits[..., 0, 0] = math.log(0.7 / 0.3)
+    ods = BoundaryMetric(tolerance=1)
+    ods.update(logits, gt)
+    out = ods.compute()
+    assert out["odsf"] == pytest.approx(100.0) and out["f1"] == pytest.approx(100 * 2 * p / (p + 1))
+    empty = BoundaryMetric()
+    assert all(math.isnan(v) for v in empty.compute().values())
+    with pytest.raises(ValueError, match="tolerance"):
+        BoundaryMetric(tolerance=-1)
 
 
 # ----------------------------------------------------------------------------- ΔMTL and Mean Rank

