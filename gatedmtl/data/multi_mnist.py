@@ -1,8 +1,8 @@
 """MultiMNIST, MultiFashion and Multi-(Fashion+MNIST): two real 28×28 items overlaid on one canvas.
 
 The protocol of Sener & Koltun ("Multi-Task Learning as Multi-Objective Optimization",
-NeurIPS 2018; ``multi_task/loaders/multi_mnist_loader.py`` of their code), also used by Pareto
-MTL (Lin et al., NeurIPS 2019), EPO, Nash-MTL and others:
+NeurIPS 2018; ``multi_task/loaders/multi_mnist_loader.py`` of their code), taken up by Pareto
+MTL (Lin et al., NeurIPS 2019) and EPO (Mahapatra & Rajan, ICML 2020):
 
 * :data:`CANVAS` = 36: a 36×36 black canvas;
 * the top-left item is pasted at rows/cols 0..27 (:data:`TOP_LEFT_OFFSET` = 0), the
@@ -122,6 +122,7 @@ class _OverlayDataset(MultiTaskDataset):
     """Base of the overlay sets. Items: ``image`` [1, size, size] float, ``left`` and ``right`` long []."""
 
     default_tasks: tuple[str, ...] = ("left", "right")
+    dataset_name = ""  # the registry name, for messages
 
     def __init__(
         self,
@@ -149,8 +150,6 @@ class _OverlayDataset(MultiTaskDataset):
         self.tasks: dict[str, dict[str, Any]] = {
             t: {"task": "classify", "num_classes": len(self.classes[t])} for t in self.task_names
         }
-
-    dataset_name = ""
 
     def _sources(self, root: Any, split: str) -> tuple[ItemSet, ItemSet]:  # pragma: no cover - abstract
         raise NotImplementedError
