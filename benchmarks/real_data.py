@@ -78,7 +78,8 @@ def run_set(name: str, a: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]
         results[label], flops[label], seconds[label] = tr.evaluate(), count_flops(tr.net.encoder, (1, *size)), s
         print(name, label, results[label], flush=True)
     for budget in a.budgets.split(","):
-        tr, s = train(name, data, a, tmp / f"{name}_gated_{budget}", tasks=tasks, arch="gated", budget=budget, balance="ew")
+        tr, s = train(name, data, a, tmp / f"{name}_gated_{budget}", tasks=tasks, arch="gated", budget=budget,
+                      balance="ew", lambda_s=a.lambda_s)
         lean, report = tr.finalize()
         label = f"GatedMTL, budget {budget} (lean)"
         results[label] = evaluate(lean, tr.val_set, tr.tasks, SETS[name]["batch"])
@@ -117,6 +118,7 @@ def write(rows: list[dict[str, Any]], a: argparse.Namespace, total_s: float) -> 
              f"budgets as fractions of the full (T+1)-branch encoder, EW, projected and pruned before evaluation. "
              "ΔMTL: one metric per task (the columns) vs STL, positive = better. Encoder GFLOPs: fvcore, "
              "per image, what runs at inference."
+             + (f" Sparsity weight λ_s = {a.lambda_s:g}." if a.lambda_s != 1.0 else "")
              + (" Quick mode: a smoke run, not a benchmark." if a.quick else ""), ""]
     for name in SETS:
         sub = [r for r in rows if r["data"] == name]
@@ -139,6 +141,7 @@ def main() -> None:
     p.add_argument("--model", default="resnet18")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--budgets", default="0.35,0.5,0.65")
+    p.add_argument("--lambda-s", type=float, default=1.0, help="weight of the gated runs' budget penalty")
     p.add_argument("--scene-size", type=int, default=32)
     p.add_argument("--val-multi", type=int, default=1000)
     p.add_argument("--val-scenes", type=int, default=128)
