@@ -62,7 +62,7 @@ def test_live_slots_per_channel():
 
 def test_cost_of_a_two_layer_net_by_hand():
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.ReLU(), nn.Conv2d(4, 2, 1, bias=False))
-    model = gatedmtl.convert(net, ["a", "b"], input_size=(3, 5, 5))
+    model = gatedmtl.convert(net, ["a", "b"], input_size=(3, 5, 5), gate_group=1)
     info = gatedmtl.analyze(model, (3, 5, 5))
     assert info.full == 3 * (4 * 3 * 9 * 25 + 2 * 4 * 25)
     assert info.costs[0].tolist() == [3 * 9 * 25] * 4 and info.costs[1].tolist() == [4 * 25] * 2
