@@ -25,8 +25,9 @@ SIZE = (3, 64, 64)
 # ops through which gates would show up in a graph: STE sigmoid, alpha > 0, softmax of beta
 GATE_OPS = {"Sigmoid", "Greater", "Softmax", "Exp", "Less", "Where", "Cast"}
 # what the lean layers add to a backbone's graph: slot split, branch restore, shared mix, slot concat
+# (ReduceSum of an empty Slice: a slot that skips a layer keeps its input stream alive)
 LEAN_OPS = {"Reshape", "Gather", "Split", "Squeeze", "Unsqueeze", "Slice", "Concat", "Mul", "Add", "Identity",
-            "Constant", "Shape"}
+            "Constant", "Shape", "ReduceSum"}
 
 MODELS = [
     pytest.param("resnet18", lambda: timm.create_model("resnet18", pretrained=False), id="resnet18"),
@@ -99,6 +100,9 @@ def test_lean_onnx_parity_dynamic_batch_no_gates(name, build, gen, tmp_path):
 
     plain = export_onnx(_Plain(backbone), tmp_path / "plain.onnx", (1, *SIZE), check=False)
     lean_ops, plain_ops = _ops(path), _ops(plain.path)
+    # per-slot streams: no slot split / concat of the folded batch anywhere in the graph
+    assert lean.streams and lean.folded_reason is None
+    assert lean_ops["Split"] == lean_ops["Squeeze"] == 0
     assert set(lean_ops) <= set(plain_ops) | LEAN_OPS, set(lean_ops) - set(plain_ops)
     graph = onnx.load(str(path)).graph
     assert not any("alpha" in i.name or "beta" in i.name for i in graph.initializer)

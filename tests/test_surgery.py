@@ -100,7 +100,7 @@ def test_conv_bn_pairs_gate_after_norm():
 
 
 def test_train_mode_gradients_reach_gates_and_every_slot():
-    model = gatedmtl.convert(timm.create_model("resnet18", pretrained=False), T, input_size=(3, 32, 32))
+    model = gatedmtl.convert(timm.create_model("resnet18", pretrained=False), T, input_size=(3, 32, 32), gate_group=1)
     perturb_slots(model)
     set_gates(model, 0.5)
     model.train()
