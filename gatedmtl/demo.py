@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(config)
     enc = trainer.net.encoder
     size = trainer.input_size
-    low, high = flop_bounds(enc, size)
+    low, high = flop_bounds(enc, (1, *size))
     print(f"      {len(enc.gates())} gated layers; lean encoder between {low / 1e9:.3f} (all shared) and "
           f"{high / 1e9:.3f} GFLOPs (all task-specific); budget {args.budget} -> {trainer.budget_flops / 1e9:.3f} GFLOPs")
 

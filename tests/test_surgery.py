@@ -86,7 +86,7 @@ def test_output_structure_and_gate_shapes():
     gates = gatedmtl.gate_layers(model)
     assert all(g.alpha.shape == g.beta.shape == (len(T), g.channels) for g in gates)
     assert all(isinstance(g.alpha, nn.Parameter) and isinstance(g.beta, nn.Parameter) for g in gates)
-    gatedmtl.analyze(model, (3, 64, 64))
+    gatedmtl.analyze(model, (1, 3, 64, 64))
     assert all(bool((g.cost > 0).all()) for g in gates)
     # first gate: stem conv 3->64, k3, stride 2 -> 32x32 output, fused with its BN (2 FLOPs/pixel)
     assert gates[0].cost[0].item() == pytest.approx(3 * 9 * 32 * 32 + 2 * 32 * 32)
