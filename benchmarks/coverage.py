@@ -78,7 +78,7 @@ def worker(name: str, size: int) -> dict:
     import timm
     import torch
 
-    from gatedmtl.verify import verify
+    from gatedmtl.verify import LIMITS, verify
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -93,12 +93,30 @@ def worker(name: str, size: int) -> dict:
         shape = tuple(backbone.pretrained_cfg.get("input_size", (3, 224, 224)))
         report = verify(backbone, input_size=shape, patterns=patterns)
     problems = report.problems()
+    if report.convert_error > LIMITS["convert"]:  # float32 rounding or a real difference? float64 tells
+        problems.append(f"in float64 the convert error is {_float64_convert_error(backbone, shape):.1e}")
     lean, base = report.flops_lean, report.flops_backbone
     return {"status": "exact" if not problems else "mismatch", "input": "x".join(map(str, shape[1:])),
             "gates": report.gates, "convert_err": f"{report.convert_error:.1e}",
             "prune_err": f"{report.worst_prune_error:.1e}", "flop_err": f"{report.worst_flop_error:.2%}",
             "closed/backbone": f"{lean['closed'] / base:.3f}", "open/backbone": f"{lean['open'] / base:.3f}",
             "shared": ", ".join(report.shared_modules), "reason": "; ".join(problems)}
+
+
+def _float64_convert_error(backbone, shape: tuple[int, ...]) -> float:  # noqa: ANN001
+    """Convert error (gated vs backbone, random gates) with every tensor in float64."""
+    import torch
+
+    import gatedmtl
+    from gatedmtl.verify import relative_error, set_gates
+
+    gen = torch.Generator().manual_seed(0)
+    model = gatedmtl.convert(backbone.eval(), ("a", "b", "c"), input_size=shape).eval().double()
+    set_gates(model, 0.5, gen)
+    x = torch.randn((2, *shape), generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        ref, out = backbone.double()(x), model(x)
+    return max(relative_error(out[t], ref) for t in model.tasks)
 
 
 def _limit_memory(gib: float) -> None:
@@ -161,9 +179,13 @@ def write(rows: list[dict], meta: dict, out: Path) -> Path:
         "per folded slot). shared: modules kept as one copy for every slot because their input is not the "
         "folded batch."
     )
+    if meta.get("rerun"):
+        notes += f" Re-run afterwards with the same limits: {', '.join(meta['rerun'])}."
     table = [{c: _cell(r.get(c, "")) for c in COLUMNS} for r in sorted(rows, key=lambda r: (r["family"], r["model"]))]
     title = f"Conversion coverage ({counts['exact']}/{len(rows)} families exact)"
-    return write_table("coverage", title, notes, table, COLUMNS, out=out)
+    path = write_table("coverage", title, notes, table, COLUMNS, out=out)
+    (out / "coverage_meta.json").write_text(json.dumps(meta, indent=2) + "\n")  # limits, for --rerun
+    return path
 
 
 def main() -> int:
@@ -175,11 +197,14 @@ def main() -> int:
     parser.add_argument("--memory-gb", type=float, default=5.0, help="address-space limit per model, GiB")
     parser.add_argument("--budget-minutes", type=float, default=60.0, help="wall time for the whole sweep")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--rerun", default="", help="comma-separated models of the existing table to run again")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.size)), flush=True)
         return 0
+    if args.rerun:
+        return rerun(args.rerun.split(","), Path(args.out))
 
     import timm
     import torch
@@ -212,6 +237,28 @@ def main() -> int:
     path = write(rows + pending, meta, out)
     exact = sum(r["status"] == "exact" for r in rows + pending)
     print(f"{exact}/{len(rows) + len(pending)} families exact; wrote {path}")
+    return 0
+
+
+def rerun(models: list[str], out: Path) -> int:
+    """Run ``models`` again with the limits of the sweep that wrote ``out``'s table; rewrite the table."""
+    import csv
+
+    meta = json.loads((out / "coverage_meta.json").read_text())
+    with open(out / "coverage.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for name in models:
+        row = next((r for r in rows if r["model"] == name), None)
+        if row is None:
+            raise SystemExit(f"error: {name} is not in {out / 'coverage.csv'}")
+        t0 = time.monotonic()
+        for c in COLUMNS[3:]:
+            row[c] = ""
+        row.update(run_one(name, meta["size"], meta["timeout"], meta["memory_gb"]))
+        row["seconds"] = f"{time.monotonic() - t0:.0f}"
+        print(row, flush=True)
+        meta["rerun"] = sorted(set(meta.get("rerun", [])) | {name})
+    print(f"wrote {write(rows, meta, out)}")
     return 0
 
 
