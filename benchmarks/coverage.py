@@ -3,12 +3,12 @@
 A family is a timm model module (``timm.list_modules()``); its model is the architecture with
 the fewest parameters (counted on the meta device, so nothing is allocated), timm's
 ``test_*`` models excluded. Each model runs :func:`gatedmtl.verify.verify` in its own
-subprocess under a memory limit (``resource.setrlimit``) and a timeout, smallest family first;
+subprocess under a memory limit (``resource.setrlimit(RLIMIT_DATA)``) and a timeout, smallest family first;
 the table is rewritten after every model, and families the wall-time budget did not reach are
 listed as such. Writes ``benchmarks/results/coverage.md`` and ``coverage.csv``. Usage::
 
     nice -n 19 env OMP_NUM_THREADS=1 python benchmarks/coverage.py [--families N] [--models a,b]
-        [--size 96] [--timeout 240] [--memory-gb 5] [--budget-minutes 60]
+        [--size 96] [--timeout 240] [--memory-gb 6] [--budget-minutes 60]
 """
 
 from __future__ import annotations
@@ -120,8 +120,10 @@ def _float64_convert_error(backbone, shape: tuple[int, ...]) -> float:  # noqa: 
 
 
 def _limit_memory(gib: float) -> None:
+    # RLIMIT_DATA bounds heap and anonymous mappings (where tensors live) and, unlike RLIMIT_AS,
+    # not the ~3 GiB of address space that torch's shared libraries map without using it
     limit = int(gib * (1 << 30))
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
     os.nice(19)
 
 
@@ -167,7 +169,7 @@ def write(rows: list[dict], meta: dict, out: Path) -> Path:
         f"{len(rows)} timm families (every family of `timm.list_modules()`), each with its smallest model by "
         "parameter count (timm's `test_*` models excluded). "
         + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + ". "
-        f"Each model ran in its own process under a {meta['memory_gb']:g} GiB address-space limit and a "
+        f"Each model ran in its own process under a {meta['memory_gb']:g} GiB memory limit (RLIMIT_DATA) and a "
         f"{meta['timeout']:.0f} s timeout, one thread, smallest family first, within a {meta['budget_minutes']:g} "
         f"minute wall-time budget ({meta['elapsed_minutes']:.1f} minutes used); rows in family order; input {meta['size']}x{meta['size']} "
         "unless the family fixes its own. Limits (gatedmtl.verify.LIMITS): convert error (gated vs backbone) "
@@ -194,7 +196,7 @@ def main() -> int:
     parser.add_argument("--models", default="", help="comma-separated model names instead of one per family")
     parser.add_argument("--size", type=int, default=96, help="input height and width where the family allows")
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per model")
-    parser.add_argument("--memory-gb", type=float, default=5.0, help="address-space limit per model, GiB")
+    parser.add_argument("--memory-gb", type=float, default=6.0, help="memory (data segment) limit per model, GiB")
     parser.add_argument("--budget-minutes", type=float, default=60.0, help="wall time for the whole sweep")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--rerun", default="", help="comma-separated models of the existing table to run again")
