@@ -236,3 +236,26 @@ def test_xcit_converts_and_prunes_exactly():
     assert report.convert_error <= 1e-5 and report.worst_prune_error <= 1e-4, report
     assert report.flops_predicted == report.flops_lean, report
     assert report.ok, report.problems()
+
+
+def test_cli_help_states_the_flop_convention(capsys):
+    from gatedmtl.cli import main
+
+    for argv in (["train", "--help"], ["profile", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert "multiply-add" in " ".join(capsys.readouterr().out.split()), argv
+
+
+def test_cli_verify_exits_nonzero_and_names_the_problem(monkeypatch, capsys):
+    import gatedmtl.verify
+    from gatedmtl.cli import main
+
+    assert main(["verify", "--model", "resnet10t", "--input", "3,32,32"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("exact")
+    failing = gatedmtl.verify.VerifyReport(gates=1, convert_error=0.0, uncounted_compute={"aten::fft_rfft": 2})
+    monkeypatch.setattr(gatedmtl.verify, "verify", lambda *a, **k: failing)
+    assert main(["verify", "--model", "resnet10t"]) == 1
+    captured = capsys.readouterr()
+    assert "MISMATCH: fvcore did not count real compute: aten::fft_rfft x2" in captured.err
+    assert captured.out.rstrip().endswith("MISMATCH")
