@@ -100,7 +100,15 @@ def worker(name: str, size: int) -> dict:
             "gates": report.gates, "convert_err": f"{report.convert_error:.1e}",
             "prune_err": f"{report.worst_prune_error:.1e}", "flop_err": f"{report.worst_flop_error:.2%}",
             "closed/backbone": f"{lean['closed'] / base:.3f}", "open/backbone": f"{lean['open'] / base:.3f}",
-            "shared": ", ".join(report.shared_modules), "reason": "; ".join(problems)}
+            "shared": _shared(report.shared_modules), "reason": "; ".join(problems)}
+
+
+def _shared(modules: dict[str, str]) -> str:
+    """``"reason: name, name; reason: name"`` of the modules kept as one copy for every slot."""
+    by_reason: dict[str, list[str]] = {}
+    for name, why in modules.items():
+        by_reason.setdefault(why, []).append(name)
+    return "; ".join(f"{why}: {', '.join(names)}" for why, names in by_reason.items())
 
 
 def _float64_convert_error(backbone, shape: tuple[int, ...]) -> float:  # noqa: ANN001
@@ -178,8 +186,9 @@ def write(rows: list[dict], meta: dict, out: Path) -> Path:
         "(gatedmtl.flop_ops). FLOPs are fvcore's: one multiply-add = one FLOP. closed/open: fvcore FLOPs of the "
         "lean model with every gate closed / open, relative to the plain backbone (ungated per-slot layers — "
         "grouped convs, norms not fused with a conv — and parameter-free ops such as attention matmuls run once "
-        "per folded slot). shared: modules kept as one copy for every slot because their input is not the "
-        "folded batch."
+        "per folded slot). shared: parameter-owning modules kept as one copy for every slot (not gated), with "
+        "the reason convert found (their input does not depend on the batch, or the forward pass never calls them, "
+        "e.g. when the backbone reads their weights directly); cut at 240 characters."
     )
     if meta.get("rerun"):
         notes += f" Re-run afterwards with the same limits: {', '.join(meta['rerun'])}."
