@@ -45,8 +45,9 @@ SLOW = [
 ]
 
 
-# ungated per-slot layers (norms, attention matmuls) are a large share of this tiny swin config
-CLOSED_BOUND = {"regnet": 1.5, "swin": 1.5}
+# ungated per-slot layers (norms, attention matmuls) are a large share of this tiny swin config;
+# sequencer's LSTMs are neither conv nor linear, so every slot runs them (measured: 2.14x)
+CLOSED_BOUND = {"regnet": 1.5, "swin": 1.5, "sequencer_lstm": 2.2}
 
 
 def _check(build, size, closed_bound=1.15):
@@ -73,7 +74,7 @@ def test_parity_and_flops(name, build, size):
 @pytest.mark.slow
 @pytest.mark.parametrize("name,build,size", SLOW, ids=[m[0] for m in SLOW])
 def test_parity_and_flops_more_families(name, build, size):
-    _check(build, size)
+    _check(build, size, CLOSED_BOUND.get(name, 1.15))
 
 
 def test_output_structure_and_gate_shapes():
