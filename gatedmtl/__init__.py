@@ -4,7 +4,8 @@ Convert any backbone into a shared branch plus one branch per task, train straig
 channel gates at a FLOP budget, prune every closed gate away, profile and export to ONNX.
 """
 
-from .cost import analyze, count_flops, count_params, expected_flops, flop_bounds, predict_flops
+from .cost import (UncountedFlopsWarning, analyze, count_flops, count_params, expected_flops, flop_bounds,
+                   measure_flops, predict_flops)
 from .gates import ChannelGate
 from .prune import LeanModel, prune
 from .surgery import GatedModel, convert, gate_layers
@@ -15,7 +16,7 @@ from . import balancing, export, profile, train, verify  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
-    "ChannelGate", "GatedModel", "LeanModel", "analyze", "convert", "count_flops", "count_params",
-    "expected_flops", "flop_bounds", "gate_layers", "predict_flops", "prune", "__version__",
-    "balancing", "export", "profile", "train", "verify",
+    "ChannelGate", "GatedModel", "LeanModel", "UncountedFlopsWarning", "analyze", "convert", "count_flops",
+    "count_params", "expected_flops", "flop_bounds", "gate_layers", "measure_flops", "predict_flops", "prune",
+    "__version__", "balancing", "export", "profile", "train", "verify",
 ]

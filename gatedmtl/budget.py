@@ -1,8 +1,10 @@
 """FLOP budgets: parsing, the cost-aware sparsity hinge, and projection of the gates onto a budget.
 
-A budget is per sample for the gated encoder (heads are not gated) at the training input size:
-either a fraction of the full model (every one of the ``T + 1`` branches computed, i.e.
-``S`` backbones) or an absolute count such as ``"38.4GF"``.
+A budget is the FLOPs of the gated encoder (heads are not gated) on ``input_shape``
+``(B, C, H, W)`` (the trainer uses batch 1: per sample, at the training input size): either a
+fraction of the full model (every one of the ``T + 1`` branches computed, i.e. ``S``
+backbones) or an absolute count such as ``"38.4GF"``. FLOPs are fvcore's: one multiply-add =
+one FLOP (GMACs in timm's and most papers' terms).
 """
 
 from __future__ import annotations
@@ -26,14 +28,16 @@ class BudgetError(ValueError):
     """The requested budget cannot be met by any gate pattern."""
 
 
-def resolve_budget(model: GatedModel, budget: float | str, input_size: Sequence[int] | None = None) -> float:
-    """Per-sample FLOPs for ``budget``: a fraction in (0, 1] of the full model, or ``"<x>GF"``.
+def resolve_budget(model: GatedModel, budget: float | str, input_shape: Sequence[int] | None = None) -> float:
+    """FLOPs on ``input_shape`` (default: batch 1) for ``budget``: a fraction in (0, 1] of the full model, or ``"<x>GF"``.
 
     Raises:
         BudgetError: when the budget lies below the all-closed (every task borrows the shared
             branch) or above the all-open cost; the message gives both limits in GFLOPs.
     """
-    info = analyze(model, input_size)
+    info = analyze(model, input_shape)
+    batch = input_shape[0] if input_shape is not None else 1
+    full = info.full_at(batch)
     if isinstance(budget, str):
         text = budget.strip()
         m = _ABSOLUTE.match(text)
@@ -41,7 +45,7 @@ def resolve_budget(model: GatedModel, budget: float | str, input_size: Sequence[
             flops = float(m.group(1)) * _SCALE[m.group(2).upper()]
         else:
             try:
-                flops = float(text) * info.full
+                flops = float(text) * full
                 fraction = float(text)
             except ValueError:
                 raise ValueError(f"budget {budget!r} is neither a fraction like 0.5 nor an absolute count like '38.4GF'") from None
@@ -51,24 +55,24 @@ def resolve_budget(model: GatedModel, budget: float | str, input_size: Sequence[
         if not 0 < budget <= 1:
             raise ValueError(f"a budget fraction must be in (0, 1] (of the full {model.num_slots}-branch model), "
                              f"got {budget}; give absolute budgets as a string like '2.5GF'")
-        flops = float(budget) * info.full
+        flops = float(budget) * full
     else:
         raise TypeError(f"budget must be a float fraction or a string like '38.4GF', got {type(budget).__name__}")
     if flops <= 0:
         raise ValueError(f"budget must be positive, got {budget!r}")
-    low, high = flop_bounds(model, input_size)
+    low, high = flop_bounds(model, input_shape)
     if not low <= flops <= high:
         raise BudgetError(
-            f"budget {flops / 1e9:.4f} GFLOPs ({flops / info.full:.3g} of the full model) is infeasible for this model "
-            f"at input {tuple(info.input_size)}: it must lie between {low / 1e9:.4f} GFLOPs = {low / info.full:.3f} "
-            f"(every gate closed: tasks share one branch) and {high / 1e9:.4f} GFLOPs = {high / info.full:.3f} "
+            f"budget {flops / 1e9:.4f} GFLOPs ({flops / full:.3g} of the full model) is infeasible for this model "
+            f"at input {(batch, *info.input_size)}: it must lie between {low / 1e9:.4f} GFLOPs = {low / full:.3f} "
+            f"(every gate closed: tasks share one branch) and {high / 1e9:.4f} GFLOPs = {high / full:.3f} "
             f"(every gate open: one branch per task, the shared one dead), as fractions of the full "
-            f"{model.num_slots}-branch model ({info.full / 1e9:.4f} GFLOPs, every branch computing every channel)"
+            f"{model.num_slots}-branch model ({full / 1e9:.4f} GFLOPs, every branch computing every channel)"
         )
     return flops
 
 
-def sparsity_loss(model: GatedModel, budget_flops: float, input_size: Sequence[int] | None = None,
+def sparsity_loss(model: GatedModel, budget_flops: float, input_shape: Sequence[int] | None = None,
                   two_sided: bool = False) -> Tensor:
     """Cost-aware hinge ``max(0, E[flops] / budget - 1)`` with straight-through gates.
 
@@ -77,11 +81,11 @@ def sparsity_loss(model: GatedModel, budget_flops: float, input_size: Sequence[i
     before pruning changes few gates (opening a gate after training brings in a task filter
     that received no gradient while it was closed).
     """
-    ratio = expected_flops(model, input_size) / budget_flops - 1.0
+    ratio = expected_flops(model, input_shape) / budget_flops - 1.0
     return ratio.abs() if two_sided else torch.relu(ratio)
 
 
-def task_targets_loss(model: GatedModel, targets: Mapping[str, float], input_size: Sequence[int] | None = None) -> Tensor:
+def task_targets_loss(model: GatedModel, targets: Mapping[str, float], input_shape: Sequence[int] | None = None) -> Tensor:
     """GatedMTL's per-task hinge ``sum_t max(0, d_t - tau_t)``.
 
     ``d_t`` is task ``t``'s cost-weighted share of open gates (1 = every filter its own).
@@ -89,7 +93,7 @@ def task_targets_loss(model: GatedModel, targets: Mapping[str, float], input_siz
     unknown = set(targets) - set(model.tasks)
     if unknown:
         raise ValueError(f"task targets for unknown tasks {sorted(unknown)}; tasks are {list(model.tasks)}")
-    info = analyze(model, input_size)
+    info = analyze(model, input_shape)
     total_cost = sum(float(c.sum()) for c in info.costs)
     loss: Tensor | float = 0.0
     for t, task in enumerate(model.tasks):
@@ -104,7 +108,7 @@ def task_targets_loss(model: GatedModel, targets: Mapping[str, float], input_siz
 
 
 @torch.no_grad()
-def project_to_budget(model: GatedModel, budget_flops: float, input_size: Sequence[int] | None = None,
+def project_to_budget(model: GatedModel, budget_flops: float, input_shape: Sequence[int] | None = None,
                       tolerance: float = 0.01) -> int:
     """Close the lowest-logit open gates until the predicted lean FLOPs are at most ``budget_flops``;
     if they are more than ``tolerance`` below it, open the highest-logit closed ones until they
@@ -117,18 +121,18 @@ def project_to_budget(model: GatedModel, budget_flops: float, input_size: Sequen
     Closing a gate whose channel every other task keeps open saves nothing (the shared filter
     comes back), so the loop walks the logits in order and counts exact savings per channel.
     Changes the ``alpha`` of the changed gates to ``-|alpha| - eps`` / ``+|alpha| + eps``; returns
-    the predicted per-sample FLOPs.
+    the predicted FLOPs on ``input_shape`` (default: batch 1).
     """
     if not 0.0 <= tolerance < 1.0:
         raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
-    info = analyze(model, input_size)
-    size = info.input_size
-    low, high = flop_bounds(model, size)
+    info = analyze(model, input_shape)
+    shape = (input_shape[0] if input_shape is not None else 1, *info.input_size)
+    low, high = flop_bounds(model, shape)
     if not low <= budget_flops <= high:
         raise BudgetError(f"budget {budget_flops / 1e9:.4f} GFLOPs outside [{low / 1e9:.4f}, {high / 1e9:.4f}] GFLOPs")
     gates = model.gates()
     num_tasks = len(model.tasks)
-    current = float(predict_flops(model, (1, *size)))
+    current = float(predict_flops(model, shape))
     # flat views: gate index, task, group of channels (a single channel unless gate_group > 1), logit;
     # every channel of a group has the same gates, so a group's saving is its channels' summed cost
     entries = []
@@ -138,7 +142,7 @@ def project_to_budget(model: GatedModel, budget_flops: float, input_size: Sequen
             for c, v in enumerate(a[t].tolist()):
                 entries.append((v, g, t, c))
     open_count = [(gate.alpha > 0).sum(0).cpu().tolist() for gate in gates]
-    costs = [gate.to_groups(c.to(torch.float64)).tolist() for gate, c in zip(gates, info.costs)]
+    costs = [(shape[0] * gate.to_groups(c.to(torch.float64))).tolist() for gate, c in zip(gates, info.costs)]
 
     def live(k: int) -> int:
         return k + 1 - (1 if k == num_tasks else 0)
@@ -167,4 +171,4 @@ def project_to_budget(model: GatedModel, budget_flops: float, input_size: Sequen
         a = gates[g].alpha
         mag = abs(float(a[t, c])) + 1e-3
         a[t, c] = mag if opened else -mag
-    return predict_flops(model, (1, *size))
+    return predict_flops(model, shape)

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(config)
     enc = trainer.net.encoder
     size = trainer.input_size
-    low, high = flop_bounds(enc, size)
+    low, high = flop_bounds(enc, (1, *size))
     print(f"      {len(enc.gates())} gated layers; lean encoder between {low / 1e9:.3f} (all shared) and "
           f"{high / 1e9:.3f} GFLOPs (all task-specific); budget {args.budget} -> {trainer.budget_flops / 1e9:.3f} GFLOPs")
 
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     plain_backbone = _plain_backbone(trainer)
     plain = count_flops(plain_backbone, (1, *size))
     gated_full = count_flops(trainer.net.encoder, (1, *size))
-    rows = [["encoder", "GFLOPs (fvcore)", "params (M)"],
+    rows = [["encoder", "GFLOPs (fvcore: multiply-adds)", "params (M)"],
             ["plain backbone (one task)", f"{plain / 1e9:.4f}", f"{count_params(plain_backbone) / 1e6:.2f}"],
             ["gated, every branch (training)", f"{gated_full / 1e9:.4f}", f"{count_params(trainer.net.encoder) / 1e6:.2f}"],
             ["lean (pruned)", f"{report['landed'] / 1e9:.4f}", f"{count_params(lean.encoder) / 1e6:.2f}"],

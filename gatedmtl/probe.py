@@ -1,6 +1,7 @@
-"""One instrumented forward pass of a plain backbone: which modules run, in what order, and
-which convolutions feed a channel-wise norm *exclusively* (so the gate can sit after the
-norm, keeping conv+norm fusable in the lean model)."""
+"""Instrumented forward passes of a plain backbone: which modules run, in what order, which
+convolutions feed a channel-wise norm *exclusively* (so the gate can sit after the norm,
+keeping conv+norm fusable in the lean model), and which modules receive an input whose batch
+axis is not the model's batch (a second pass at another batch size tells)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .slots import iter_tensors
+from .slots import _batch_dim_in, iter_tensors
 
-__all__ = ["ProbeResult", "probe"]
+__all__ = ["ProbeResult", "UnfoldableModuleError", "probe"]
+
+
+class UnfoldableModuleError(ValueError):
+    """A parameter-owning module that can be neither folded per slot nor shared exactly."""
 
 
 @dataclass
@@ -25,6 +30,9 @@ class ProbeResult:
     calls: dict[str, int] = field(default_factory=dict)
     out_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # first call's output
     pairs: dict[str, str] = field(default_factory=dict)  # conv name -> norm name that consumes it exclusively
+    # modules whose first input is not split along the model's batch on their batch axis -> why
+    unfolded: dict[str, str] = field(default_factory=dict)
+    batch_independent: set[str] = field(default_factory=set)  # of those: inputs that do not depend on the batch
     output: Any = None
 
 
@@ -58,9 +66,63 @@ def _is_pair_candidate(conv: nn.Module, norm: nn.Module) -> bool:
     )
 
 
+def _input_shape(args: tuple) -> tuple[int, ...] | None:
+    return tuple(args[0].shape) if args and isinstance(args[0], Tensor) else None
+
+
+@torch.no_grad()
+def _input_shapes(model: nn.Module, candidates: dict[str, nn.Module], example: Tensor) -> dict[str, list]:
+    """``model(example)``: the shape of each candidate's first argument, per call (``None``: not a tensor)."""
+    by_id = {id(m): n for n, m in candidates.items()}
+    shapes: dict[str, list] = defaultdict(list)
+    handles = [m.register_forward_pre_hook(lambda m, args: shapes[by_id[id(m)]].append(_input_shape(args)))
+               for m in candidates.values()]
+    try:
+        model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def _classify_batch_axes(result: ProbeResult, candidates: dict[str, nn.Module], first: dict[str, list],
+                         second: dict[str, list], batches: tuple[int, int]) -> None:
+    """Fill ``result.unfolded`` from the candidates' input shapes at two batch sizes."""
+    n1, n2 = batches
+    for name, shapes in first.items():
+        dim = _batch_dim_in(candidates[name], 0)
+        kinds = set()
+        for a, b in zip(shapes, second.get(name, [])):
+            if a is None or b is None:
+                kinds.add("its first argument is not a tensor")
+            elif len(a) > dim and len(a) == len(b) and a[dim] * n2 == b[dim] * n1 and a[dim] > 0:
+                kinds.add("folded")
+            elif a == b:
+                kinds.add("batch-independent")
+            else:
+                kinds.add(f"its input's batch is not on axis {dim}")
+        if kinds == {"folded"} or not kinds:
+            continue
+        if "folded" in kinds and "batch-independent" in kinds:
+            raise UnfoldableModuleError(
+                f"module '{name}' ({type(candidates[name]).__name__}) is called both on the batch and on a "
+                "batch-independent tensor: gatedmtl can give it neither per-slot copies (the batch-independent "
+                "call has no slots) nor an exact FLOP count as one shared copy. Wrap the two uses in two modules.")
+        if kinds == {"batch-independent"}:
+            result.batch_independent.add(name)
+            result.unfolded[name] = "its input does not depend on the batch"
+        else:
+            result.unfolded[name] = "; ".join(sorted(kinds - {"folded"}))
+
+
 @torch.no_grad()
 def probe(model: nn.Module, candidates: dict[str, nn.Module], example: Tensor) -> ProbeResult:
-    """Run ``model(example)`` in eval mode and record the candidates' calls and pairings."""
+    """Run ``model(example)`` in eval mode and record the candidates' calls and pairings.
+
+    A second pass on one more sample than ``example`` has (``example`` must have a batch of at
+    least 1) finds the candidates whose input is not the batch folded on their batch axis
+    (``unfolded``), e.g. a projection of a positional encoding computed from the image size.
+    """
     result = ProbeResult()
     rec = _UseRecorder()
     by_id: dict[int, str] = {id(m): n for n, m in candidates.items()}
@@ -68,9 +130,12 @@ def probe(model: nn.Module, candidates: dict[str, nn.Module], example: Tensor) -
     norm_inputs: dict[str, list[str | None]] = defaultdict(list)  # norm -> producing conv per call
     handles = []
 
+    first_shapes: dict[str, list] = defaultdict(list)
+
     def pre_hook(module: nn.Module, args: tuple) -> None:
         rec.paused += 1
         name = by_id[id(module)]
+        first_shapes[name].append(_input_shape(args))
         producer = rec.watched.get(id(args[0])) if args and isinstance(args[0], Tensor) else None
         if producer is not None and (len(args) != 1 or not _is_pair_candidate(candidates[producer], module)):
             rec.foreign.add(producer)
@@ -115,4 +180,7 @@ def probe(model: nn.Module, candidates: dict[str, nn.Module], example: Tensor) -
         norm = norms[0]
         if all(p == conv for p in norm_inputs[norm]) and result.calls.get(norm) == calls:
             result.pairs[conv] = norm
+    bigger = torch.cat([example, example[:1]])
+    second = _input_shapes(model, candidates, bigger)
+    _classify_batch_axes(result, candidates, first_shapes, second, (example.shape[0], bigger.shape[0]))
     return result

@@ -8,7 +8,9 @@ Works on a plain backbone, a :class:`~gatedmtl.surgery.GatedModel` and a
                 profile(prune(gated), (1, 3, 224, 224))]
     print(compare(profiles)); print(profiles[2].table())
 
-Definitions (all FLOPs are fvcore's, one multiply-add = 1, eval mode, for ``input_shape``):
+Definitions (all FLOPs are fvcore's, one multiply-add = 1 FLOP, i.e. what timm and most papers
+call MACs -- ``torch.utils.flop_counter`` reports twice these numbers --, eval mode, for
+``input_shape`` ``(B, C, H, W)``; :mod:`gatedmtl.flop_ops` says which ops count):
 
 * ``flops``: :func:`gatedmtl.count_flops` of the model as it is. For a gated model that is
   the full folded model (every slot computes every filter); ``predicted_flops`` is what
@@ -20,6 +22,11 @@ Definitions (all FLOPs are fvcore's, one multiply-add = 1, eval mode, for ``inpu
   computes). Whatever fvcore counts outside the slots' modules (parameter-free ops such as
   pooling, upsampling or attention matmuls, run once per folded slot, and modules shared by
   every slot) is reported as ``slot_independent``; per-slot FLOPs + slot-independent = total.
+* shared modules: parameter-owning modules kept as one copy for every slot and not gated (their
+  input is not the folded batch, e.g. XCiT's positional-encoding projection), with their FLOPs.
+* uncounted ops: the ops fvcore met and did not count, with their number of calls: elementwise
+  and other ops that the convention leaves out (:data:`gatedmtl.flop_ops.NOT_COUNTED`), and
+  flagged, any op that does real compute without a FLOP handle (the FLOPs then miss it).
 * latency: the model exported to a temporary ONNX file (:func:`gatedmtl.export.export_onnx`)
   and timed with ONNX Runtime on the CPU (``threads`` intra-op threads, sequential
   execution) after warm-up runs. A gated model does not export (gates are training-only):
@@ -47,13 +54,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .cost import _check_shape, analyze, count_flops, count_params, flops_by_module, predict_flops, shared_branch
+from .cost import (_check_shape, _runs, _warn_uncounted, analyze, count_params, measure_flops, predict_flops,
+                   shared_branch)
+from .flop_ops import NOT_COUNTED, uncounted_compute
 from .prune import LeanGatedLayer, LeanModel, computed_slots, prune
-from .slots import SlotModule
+from .slots import SlotModule, is_slot_unit
 from .surgery import GatedModel, gateable
 
-__all__ = ["Profile", "SlotStats", "LayerStats", "UngatedLayer", "Latency", "onnx_latency", "profile", "compare",
-           "measure_latency", "main"]
+__all__ = ["Profile", "SlotStats", "LayerStats", "UngatedLayer", "SharedModule", "Latency", "onnx_latency", "profile",
+           "compare", "measure_latency", "main"]
+
+CONVENTION = ("FLOPs are fvcore's: one multiply-add = 1 FLOP (timm and most papers call these MACs; "
+              "torch.utils.flop_counter reports 2 per multiply-add)")
 
 
 @dataclass
@@ -88,6 +100,16 @@ class UngatedLayer:
 
 
 @dataclass
+class SharedModule:
+    """A parameter-owning module kept as one copy for every slot (not gated)."""
+
+    name: str
+    type: str
+    reason: str
+    flops: int = 0  # fvcore's count of the module in the (lean) model
+
+
+@dataclass
 class Latency:
     """ONNX Runtime CPU latency of one exported model, in milliseconds."""
 
@@ -117,12 +139,19 @@ class Profile:
     slots: list[SlotStats] = field(default_factory=list)
     layers: list[LayerStats] = field(default_factory=list)
     ungated: list[UngatedLayer] = field(default_factory=list)
+    shared: list[SharedModule] = field(default_factory=list)
+    uncounted_ops: dict[str, int] = field(default_factory=dict)  # aten op -> calls fvcore did not count
     computed_slots: tuple[int, ...] = ()
     latency: Latency | None = None
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def uncounted_compute(self) -> dict[str, int]:
+        """Uncounted ops that do real compute: FLOPs missing from ``flops``."""
+        return uncounted_compute(self.uncounted_ops)
+
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self) | {"uncounted_compute": self.uncounted_compute}
 
     def to_json(self, path: str | Path) -> Path:
         path = Path(path)
@@ -133,13 +162,16 @@ class Profile:
         """Markdown: summary, per-slot, per-layer and ungated-layer tables."""
         shape = "x".join(map(str, self.input_shape))
         lines = [f"## {self.name} ({self.kind}), input {shape}" + (f", tasks {', '.join(self.tasks)}" if self.tasks else ""),
-                 "", "| quantity | value |", "|---|---|",
-                 f"| FLOPs (fvcore) | {_g(self.flops)} |"]
+                 "", CONVENTION + ".", "", "| quantity | value |", "|---|---|",
+                 f"| FLOPs (fvcore, multiply-adds) | {_g(self.flops)} |"]
         if self.predicted_flops is not None:
             lines.append(f"| FLOPs after prune (predicted) | {_g(self.predicted_flops)} |")
         lines.append(f"| params | {_m(self.params)} |")
         if self.gate_params:
             lines.append(f"| of which gate logits | {_m(self.gate_params)} |")
+        missing = self.uncounted_compute
+        if missing:
+            lines.append(f"| **not counted (real compute)** | {', '.join(f'{op} x{n}' for op, n in missing.items())} |")
         if self.kind != "backbone" and self.computed_slots:
             names = ["shared", *self.tasks]
             lines.append(f"| slots folded on the batch axis | {', '.join(names[s] for s in self.computed_slots)} |")
@@ -174,6 +206,17 @@ class Profile:
                       "| layer | type | FLOPs per slot | reason |", "|---|---|---:|---|"]
             for u in self.ungated:
                 lines.append(f"| {u.name} | {u.type} | {_g(u.flops_per_slot)} | {u.reason} |")
+        if self.shared:
+            lines += ["", "### shared modules (one copy for every slot, not gated)", "",
+                      "| module | type | FLOPs | reason |", "|---|---|---:|---|"]
+            for m in self.shared:
+                lines.append(f"| {m.name} | {m.type} | {_g(m.flops)} | {m.reason} |")
+        if self.uncounted_ops:
+            lines += ["", "### ops fvcore did not count", "", "| op | calls | why |", "|---|---:|---|"]
+            for op, n in self.uncounted_ops.items():
+                why = ("by convention (elementwise, reduction, pooling or data movement)" if op in NOT_COUNTED
+                       else "**no FLOP handle: real compute missing from the FLOPs**")
+                lines.append(f"| {op} | {n} | {why} |")
         return "\n".join(lines) + "\n"
 
 
@@ -338,8 +381,10 @@ def profile(model: nn.Module, input_shape: Sequence[int], *, latency: bool = Tru
         elif isinstance(model, LeanModel):
             prof = _profile_lean(model, shape)
         else:
-            prof = Profile(name="", kind="backbone", input_shape=shape, tasks=(),
-                           flops=count_flops(model, shape), params=count_params(model))
+            measured = measure_flops(model, shape)
+            _warn_uncounted(measured, model)
+            prof = Profile(name="", kind="backbone", input_shape=shape, tasks=(), flops=measured.total,
+                           params=count_params(model), uncounted_ops=measured.uncounted)
         inner = model.backbone if isinstance(model, (GatedModel, LeanModel)) else model
         prof.name = name or _model_name(inner)
         if latency:
@@ -364,12 +409,12 @@ def _model_name(module: nn.Module) -> str:
 
 def _profile_gated(model: GatedModel, shape: tuple[int, ...]) -> Profile:
     batch = shape[0]
-    info = analyze(model, shape[1:])
+    info = analyze(model, shape)
     slots = computed_slots(model)
     names = ["shared", *model.tasks]
     gated = _gated_names(model)
     ungated = _ungated_slot_modules(model.backbone, gated)
-    by = flops_by_module(shared_branch(model), (batch, *shape[1:])) if ungated else {}
+    by = measure_flops(shared_branch(model), shape).by_module if ungated or model.shared_modules else {}
     ungated_rows = [UngatedLayer(n, type(m.slots[0]).__name__, _ungated_reason(m.slots[0]), by.get(n, 0))
                     for n, m in ungated]
     per_slot_ungated = sum(u.flops_per_slot for u in ungated_rows)
@@ -389,8 +434,14 @@ def _profile_gated(model: GatedModel, shape: tuple[int, ...]) -> Profile:
     gate_params = sum(p.numel() for g in model.gates() for p in g.parameters())
     params = count_params(model)
     predicted = predict_flops(model, shape)
-    prof = Profile(name="", kind="gated", input_shape=shape, tasks=model.tasks, flops=count_flops(model, shape),
-                   params=params, predicted_flops=predicted,
+    measured = measure_flops(model, shape)
+    _warn_uncounted(measured, model)
+    k, runs = _runs(slots)
+    shared = [SharedModule(n, type(model.backbone.get_submodule(n)).__name__, why,
+                           by.get(n, 0) * (runs if n in model.batch_independent else k))
+              for n, why in model.shared_modules.items()]
+    prof = Profile(name="", kind="gated", input_shape=shape, tasks=model.tasks, flops=measured.total,
+                   params=params, predicted_flops=predicted, shared=shared, uncounted_ops=measured.uncounted,
                    slot_independent_flops=predicted - sum(r.flops for r in slot_rows),
                    slot_independent_params=params - gate_params - sum(r.params for r in slot_rows),
                    gate_params=gate_params, slots=slot_rows, layers=_gated_layers(model), ungated=ungated_rows,
@@ -400,8 +451,23 @@ def _profile_gated(model: GatedModel, shape: tuple[int, ...]) -> Profile:
     return prof
 
 
+def _shared_leaves(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Parameter-owning leaf modules outside every per-slot module: one copy for every slot."""
+    out, skip = [], []
+    for n, m in backbone.named_modules():
+        if any(n.startswith(p + ".") for p in skip):
+            continue
+        if isinstance(m, (SlotModule, LeanGatedLayer)):
+            skip.append(n)
+        elif n and is_slot_unit(m):
+            out.append((n, m))
+    return out
+
+
 def _profile_lean(model: LeanModel, shape: tuple[int, ...]) -> Profile:
-    by = flops_by_module(model, shape)
+    measured = measure_flops(model, shape)
+    _warn_uncounted(measured, model)
+    by = measured.by_module
     names = ["shared", *model.tasks]
     layers = model.lean_layers()
     ungated = _ungated_slot_modules(model.backbone, set())
@@ -419,10 +485,13 @@ def _profile_lean(model: LeanModel, shape: tuple[int, ...]) -> Profile:
         for s in range(m.num_slots):  # prune folds fewer slots only when there is no ungated module
             slot_flops[s] += per[s]
             slot_params[s] += _slot_params(m.slots[s])
-    total = count_flops(model, shape)
+    total = measured.total
     params = count_params(model)
     slot_rows = [SlotStats(names[s], slot_params[s], slot_flops[s], s in model.slots) for s in range(model.num_slots)]
+    shared = [SharedModule(n, type(m).__name__, "one copy for every slot", by.get(f"backbone.{n}", 0))
+              for n, m in _shared_leaves(model.backbone)]
     prof = Profile(name="", kind="lean", input_shape=shape, tasks=model.tasks, flops=total, params=params,
+                   shared=shared, uncounted_ops=measured.uncounted,
                    slot_independent_flops=total - sum(slot_flops),
                    slot_independent_params=params - sum(slot_params), slots=slot_rows,
                    layers=_lean_layers(model), ungated=ungated_rows, computed_slots=tuple(model.slots))
@@ -447,7 +516,7 @@ def compare(profiles: Sequence[Profile]) -> str:
     if not profiles:
         return ""
     ref = profiles[0]
-    lines = ["| model | kind | FLOPs | x first | params | x first | latency median | p90 | x first |",
+    lines = ["| model | kind | FLOPs (fvcore, multiply-adds) | x first | params | x first | latency median | p90 | x first |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for p in profiles:
         lat = p.latency

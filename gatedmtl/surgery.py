@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .gates import DEFAULT_GATE_GROUP, ChannelGate, check_group
-from .probe import probe
+from .probe import UnfoldableModuleError, probe
 from .slots import SlotModule, fold, is_slot_unit, unfold_slot
 
 __all__ = ["GatedModel", "convert", "gate_layers", "default_input_size", "gateable", "conv_group_size",
@@ -77,15 +77,26 @@ class GatedModel(nn.Module):
 
     ``forward(x[B, C, H, W]) -> {task: output}`` where each output has the structure of
     ``backbone(x)`` (a tensor, or a list of feature maps for ``features_only`` models).
+
+    Attributes:
+        shared_modules: ``{name: reason}`` of the parameter-owning modules kept as one copy
+            for every slot (not gated): their input is not the folded batch (e.g. XCiT's
+            positional-encoding projection, applied to a tensor built from the image size),
+            or they never ran in the probe.
+        batch_independent: those of ``shared_modules`` whose input does not depend on the
+            batch: they run once per forward pass, whatever the batch and the number of slots.
     """
 
     def __init__(self, backbone: nn.Module, tasks: Sequence[str], gate_names: Sequence[str],
-                 input_size: tuple[int, ...]) -> None:
+                 input_size: tuple[int, ...], shared_modules: Mapping[str, str] | None = None,
+                 batch_independent: Sequence[str] = ()) -> None:
         super().__init__()
         self.backbone = backbone
         self.tasks = tuple(tasks)
         self.gate_names = list(gate_names)
         self.input_size = tuple(input_size)
+        self.shared_modules = dict(shared_modules or {})
+        self.batch_independent = tuple(batch_independent)
         self._analysis_cache: dict[tuple[int, ...], Any] = {}
 
     @property
@@ -203,13 +214,15 @@ def convert(
     example = torch.randn(2, *size)
     try:
         found = probe(model, units, example)
+    except UnfoldableModuleError:
+        raise
     except Exception as e:  # the user's backbone failed on its own input: say what was tried
         raise ValueError(f"the backbone failed on a probe input of shape {tuple(example.shape)}: {e}. "
                          "Pass input_size=(C, H, W) that the backbone accepts.") from e
 
     gated_output: dict[str, str] = {}  # unit whose output is mixed -> producer conv/linear
     for name in found.order:
-        if name in found.pairs.values():
+        if name in found.pairs.values() or name in found.unfolded:
             continue
         module = units[name]
         if gateable(module) is not None:
@@ -225,8 +238,12 @@ def convert(
 
     where = _parents(model)
     order: list[str] = []
+    shared = {n: "not called in the forward pass" for n in units if n not in found.calls}
     for name in found.order:  # units never called in the probe stay shared (plain modules)
         module = units[name]
+        if name in found.unfolded:  # one copy for every slot: correct whatever its input
+            shared[name] = found.unfolded[name]
+            continue
         gate = None
         if name in gated_output.keys():
             producer = units[gated_output[name]]
@@ -241,7 +258,7 @@ def convert(
         slotted.producer = gated_output.get(name)
         for parent, attr in where[id(module)]:
             parent._modules[attr] = slotted
-    model = GatedModel(model, names, order, size)
+    model = GatedModel(model, names, order, size, shared, sorted(found.batch_independent))
     if task_weights:
         unknown = set(task_weights) - set(names)
         if unknown:

@@ -309,7 +309,7 @@ class Trainer:
         self.strategy = balancing.create(config.balance, list(config.tasks), **config.balance_options)
         self.budget_flops: float | None = None
         if self.gated and config.budget is not None:
-            self.budget_flops = resolve_budget(self.net.encoder, config.budget, self.input_size)
+            self.budget_flops = resolve_budget(self.net.encoder, config.budget, (1, *self.input_size))
         self.optimizer = self._make_optimizer()
         self.steps_per_epoch = self._steps_per_epoch()
         self.schedule = _Schedule(config.schedule, config.epochs * self.steps_per_epoch)
@@ -453,12 +453,12 @@ class Trainer:
         enc = self.net.encoder
         reg: Tensor | None = None
         if self.budget_flops is not None and epoch >= self.config.sparsity_warmup:
-            reg = self.config.lambda_s * sparsity_loss(enc, self.budget_flops, self.input_size,
+            reg = self.config.lambda_s * sparsity_loss(enc, self.budget_flops, (1, *self.input_size),
                                                        two_sided=self.config.budget_mode == "target")
         if self.config.tau and epoch >= self.config.sparsity_warmup:
-            t = self.config.lambda_tau * task_targets_loss(enc, self.config.tau, self.input_size)
+            t = self.config.lambda_tau * task_targets_loss(enc, self.config.tau, (1, *self.input_size))
             reg = t if reg is None else reg + t
-        gflops = float(expected_flops(enc, self.input_size).detach()) / 1e9
+        gflops = float(expected_flops(enc, (1, *self.input_size)).detach()) / 1e9
         return reg, gflops
 
     def _average_other_grads(self, shared: Sequence[nn.Parameter]) -> None:
@@ -656,7 +656,7 @@ def finalize(net: MultiTaskNet, budget_flops: float | None, input_size: Sequence
     if budget_flops is not None:
         report["requested"] = budget_flops
         before = [g.alpha.detach() > 0 for g in enc.gates()]
-        report["predicted"] = project_to_budget(enc, budget_flops, input_size)
+        report["predicted"] = project_to_budget(enc, budget_flops, (1, *input_size))
         changed = sum(int((b != (g.alpha.detach() > 0)).sum()) for b, g in zip(before, enc.gates()))
         total = sum(b.numel() for b in before)
         report["changed_gates"], report["gates"] = changed, total
@@ -740,7 +740,7 @@ def prune_checkpoint(path: str | Path, out: str | Path, budget: str | None = Non
         raise ValueError(f"{path} is a '{meta['config']['arch']}' network; only gated networks can be pruned")
     size = tuple(meta["input_size"])
     spec = budget if budget is not None else meta["config"].get("budget")
-    budget_flops = resolve_budget(net.encoder, spec, size) if spec is not None else None
+    budget_flops = resolve_budget(net.encoder, spec, (1, *size)) if spec is not None else None
     lean, report = finalize(net, budget_flops, size, progress=progress)
     tensors = {f"model.{k}": v for k, v in lean.state_dict().items()}
     for gate in net.encoder.gates():

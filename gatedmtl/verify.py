@@ -10,14 +10,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .cost import count_flops, predict_flops
+from .cost import measure_flops, predict_flops
 from .prune import prune
 from .slots import SlotModule, iter_tensors
 from .surgery import GatedModel, convert
 
-__all__ = ["relative_error", "set_gates", "perturb_slots", "verify", "VerifyReport", "GATE_PATTERNS"]
+__all__ = ["relative_error", "set_gates", "perturb_slots", "verify", "VerifyReport", "GATE_PATTERNS", "LIMITS"]
 
 GATE_PATTERNS: tuple[str | float, ...] = ("open", "closed", 0.1, 0.5, 0.9)
+LIMITS = {"convert": 1e-5, "prune": 1e-4, "flops": 0.005}
+"""Largest relative errors that :attr:`VerifyReport.ok` accepts (convert / prune parity, FLOP prediction)."""
 
 
 def relative_error(a: Any, b: Any) -> float:
@@ -69,6 +71,9 @@ class VerifyReport:
     flops_backbone: int = 0
     flops_predicted: dict[str, int] = field(default_factory=dict)
     flops_lean: dict[str, int] = field(default_factory=dict)
+    uncounted: dict[str, int] = field(default_factory=dict)  # aten op -> most calls fvcore did not count in one model
+    uncounted_compute: dict[str, int] = field(default_factory=dict)  # of those: real compute (not NOT_COUNTED)
+    shared_modules: dict[str, str] = field(default_factory=dict)  # kept as one copy for every slot -> why
     seconds: float = 0.0
 
     @property
@@ -79,8 +84,28 @@ class VerifyReport:
     def worst_flop_error(self) -> float:
         return max((abs(self.flops_predicted[k] - v) / max(v, 1) for k, v in self.flops_lean.items()), default=0.0)
 
+    def problems(self) -> list[str]:
+        """Why the check failed, one line each (empty when it passed)."""
+        out = []
+        if self.convert_error > LIMITS["convert"]:
+            out.append(f"convert error {self.convert_error:.2e} > {LIMITS['convert']:g}")
+        if self.worst_prune_error > LIMITS["prune"]:
+            out.append(f"prune error {self.worst_prune_error:.2e} > {LIMITS['prune']:g}")
+        if self.worst_flop_error > LIMITS["flops"]:
+            out.append(f"FLOP prediction off by {self.worst_flop_error:.2%} > {LIMITS['flops']:.1%}")
+        if self.uncounted_compute:
+            ops = ", ".join(f"{op} x{n}" for op, n in self.uncounted_compute.items())
+            out.append(f"fvcore did not count real compute: {ops} (FLOPs are incomplete)")
+        return out
+
+    @property
+    def ok(self) -> bool:
+        """Exact conversion, exact pruning, exact FLOP prediction, and every compute op counted."""
+        return not self.problems()
+
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"worst_prune_error": self.worst_prune_error, "worst_flop_error": self.worst_flop_error}
+        return asdict(self) | {"worst_prune_error": self.worst_prune_error, "worst_flop_error": self.worst_flop_error,
+                               "ok": self.ok, "problems": self.problems()}
 
     def table(self, name: str = "model") -> str:
         """Markdown: one row per gate pattern (prune parity, predicted vs fvcore FLOPs of the lean model)."""
@@ -106,7 +131,11 @@ def verify(backbone: nn.Module, tasks: Sequence[str] = ("a", "b", "c"), input_si
 
     Convert parity: every task output vs ``backbone(x)`` with random gates. Prune parity and
     FLOPs: with perturbed slots, for each gate pattern, ``prune(model)(x)`` vs ``model(x)``
-    and ``predict_flops`` vs fvcore on the lean model.
+    and ``predict_flops`` vs fvcore on the lean model. ``uncounted_compute`` collects the ops
+    that do real compute and that fvcore did not count, in the backbone and the lean models;
+    any makes :attr:`VerifyReport.ok` false.
+
+    ``input_size`` is the backbone's per-sample ``(C, H, W)`` as :func:`gatedmtl.convert` takes it.
     """
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
@@ -119,9 +148,19 @@ def verify(backbone: nn.Module, tasks: Sequence[str] = ("a", "b", "c"), input_si
         ref = backbone(x)
         out = model(x)
     report = VerifyReport(gates=len(model.gate_names),
-                          convert_error=max(relative_error(out[t], ref) for t in model.tasks))
+                          convert_error=max(relative_error(out[t], ref) for t in model.tasks),
+                          shared_modules=dict(model.shared_modules))
+
+    def count(m: nn.Module) -> int:
+        measured = measure_flops(m, (1, *size))
+        for op, n in measured.uncounted.items():
+            report.uncounted[op] = max(report.uncounted.get(op, 0), n)
+        for op, n in measured.uncounted_compute.items():
+            report.uncounted_compute[op] = max(report.uncounted_compute.get(op, 0), n)
+        return measured.total
+
     if flops:
-        report.flops_backbone = count_flops(backbone, (1, *size))
+        report.flops_backbone = count(backbone)
     perturb_slots(model, generator=gen)
     for pattern in patterns:
         set_gates(model, pattern, gen)
@@ -132,7 +171,7 @@ def verify(backbone: nn.Module, tasks: Sequence[str] = ("a", "b", "c"), input_si
         report.prune_error[key] = max(relative_error(b[t], a[t]) for t in model.tasks)
         if flops:
             report.flops_predicted[key] = predict_flops(model, (1, *size))
-            report.flops_lean[key] = count_flops(lean, (1, *size))
+            report.flops_lean[key] = count(lean)
     report.seconds = time.perf_counter() - start
     return report
 

@@ -63,7 +63,7 @@ def test_live_slots_per_channel():
 def test_cost_of_a_two_layer_net_by_hand():
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.ReLU(), nn.Conv2d(4, 2, 1, bias=False))
     model = gatedmtl.convert(net, ["a", "b"], input_size=(3, 5, 5), gate_group=1)
-    info = gatedmtl.analyze(model, (3, 5, 5))
+    info = gatedmtl.analyze(model, (1, 3, 5, 5))
     assert info.full == 3 * (4 * 3 * 9 * 25 + 2 * 4 * 25)
     assert info.costs[0].tolist() == [3 * 9 * 25] * 4 and info.costs[1].tolist() == [4 * 25] * 2
     with torch.no_grad():
@@ -73,8 +73,8 @@ def test_cost_of_a_two_layer_net_by_hand():
     expect = (2 + 2 + 1 + 1) * 675 + 2 * 100
     assert gatedmtl.predict_flops(model, (1, 3, 5, 5)) == expect
     assert gatedmtl.count_flops(gatedmtl.prune(model.eval()), (1, 3, 5, 5)) == expect
-    assert expected_flops(model, (3, 5, 5)).item() == pytest.approx(expect)
-    assert gatedmtl.flop_bounds(model, (3, 5, 5)) == (4 * 675 + 2 * 100, 2 * (4 * 675 + 2 * 100))
+    assert expected_flops(model, (1, 3, 5, 5)).item() == pytest.approx(expect)
+    assert gatedmtl.flop_bounds(model, (1, 3, 5, 5)) == (4 * 675 + 2 * 100, 2 * (4 * 675 + 2 * 100))
 
 
 @pytest.mark.parametrize("channel_dim,shape", [(1, (2, 3, 4, 5)), (-1, (2, 5, 3)), (-1, (4, 3))])

@@ -80,7 +80,7 @@ def test_grouped_convs_are_gated_layers_not_ungated():
 def test_table_json_and_compare(resnet, tmp_path):
     *_, (pb, pg, pl) = resnet
     text = pl.table()
-    for part in ("FLOPs (fvcore)", "### per slot", "### gated layers", "| shared |", "layer4.1.conv2"):
+    for part in ("FLOPs (fvcore, multiply-adds)", "one multiply-add = 1 FLOP", "### per slot", "### gated layers", "| shared |", "layer4.1.conv2"):
         assert part in text
     assert "FLOPs after prune (predicted)" in pg.table()
     data = json.loads(pl.to_json(tmp_path / "p.json").read_text())

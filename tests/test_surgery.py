@@ -44,8 +44,9 @@ SLOW = [
 ]
 
 
-# ungated per-slot layers (norms, attention matmuls) are a large share of this tiny swin config
-CLOSED_BOUND = {"swin": 1.5}
+# ungated per-slot layers (norms, attention matmuls) are a large share of this tiny swin config;
+# sequencer's LSTMs are neither conv nor linear, so every slot runs them (measured: 2.14x)
+CLOSED_BOUND = {"swin": 1.5, "sequencer_lstm": 2.2}
 
 
 def _check(build, size, closed_bound=1.15):
@@ -72,7 +73,7 @@ def test_parity_and_flops(name, build, size):
 @pytest.mark.slow
 @pytest.mark.parametrize("name,build,size", SLOW, ids=[m[0] for m in SLOW])
 def test_parity_and_flops_more_families(name, build, size):
-    _check(build, size)
+    _check(build, size, CLOSED_BOUND.get(name, 1.15))
 
 
 def test_output_structure_and_gate_shapes():
@@ -85,7 +86,7 @@ def test_output_structure_and_gate_shapes():
     gates = gatedmtl.gate_layers(model)
     assert all(g.alpha.shape == g.beta.shape == (len(T), g.channels) for g in gates)
     assert all(isinstance(g.alpha, nn.Parameter) and isinstance(g.beta, nn.Parameter) for g in gates)
-    gatedmtl.analyze(model, (3, 64, 64))
+    gatedmtl.analyze(model, (1, 3, 64, 64))
     assert all(bool((g.cost > 0).all()) for g in gates)
     # first gate: stem conv 3->64, k3, stride 2 -> 32x32 output, fused with its BN (2 FLOPs/pixel)
     assert gates[0].cost[0].item() == pytest.approx(3 * 9 * 32 * 32 + 2 * 32 * 32)

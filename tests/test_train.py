@@ -43,8 +43,8 @@ def _random_gates(model, seed=0):
 def test_projection_lands_on_budget(name, kw, size, budget):
     model = gatedmtl.convert(timm.create_model(name, pretrained=False, **kw), T, input_size=size)
     _random_gates(model)
-    target = resolve_budget(model, budget, size)
-    predicted = project_to_budget(model, target, size)
+    target = resolve_budget(model, budget, (1, *size))
+    predicted = project_to_budget(model, target, (1, *size))
     landed = gatedmtl.count_flops(gatedmtl.prune(model.eval()), (1, *size))
     assert predicted == landed or abs(predicted - landed) <= 0.005 * landed
     assert abs(landed / target - 1) <= 0.01, (landed, target)
@@ -55,8 +55,8 @@ def test_projection_with_gate_groups_lands_on_budget():
     size = (3, 64, 64)
     model = gatedmtl.convert(timm.create_model("resnet18", pretrained=False), T, input_size=size, gate_group=16)
     _random_gates(model)
-    target = resolve_budget(model, 0.5, size)
-    predicted = project_to_budget(model, target, size)
+    target = resolve_budget(model, 0.5, (1, *size))
+    predicted = project_to_budget(model, target, (1, *size))
     landed = gatedmtl.count_flops(gatedmtl.prune(model.eval()), (1, *size))
     assert predicted == landed
     assert abs(landed / target - 1) <= 0.01 and landed <= target * 1.0001, (landed, target)
@@ -70,22 +70,22 @@ def test_projection_keeps_gates_already_within_tolerance():
     _random_gates(model)
     current = gatedmtl.predict_flops(model, (1, *size))
     alphas = [g.alpha.detach().clone() for g in model.gates()]
-    assert project_to_budget(model, current / 0.995, size) == current  # 0.5 % below: nothing opened
+    assert project_to_budget(model, current / 0.995, (1, *size)) == current  # 0.5 % below: nothing opened
     assert all(torch.equal(a, g.alpha) for a, g in zip(alphas, model.gates()))
-    opened = project_to_budget(model, current / 0.95, size, tolerance=0.0)  # 5 % below, no tolerance: opened
+    opened = project_to_budget(model, current / 0.95, (1, *size), tolerance=0.0)  # 5 % below, no tolerance: opened
     assert current < opened <= current / 0.95
     with pytest.raises(ValueError, match="tolerance"):
-        project_to_budget(model, current, size, tolerance=1.5)
+        project_to_budget(model, current, (1, *size), tolerance=1.5)
 
 
 def test_two_sided_sparsity_pulls_a_cheap_model_up_to_the_budget():
     size = (3, 32, 32)
     model = gatedmtl.convert(timm.create_model("resnet18", pretrained=False), T, input_size=size, init_logit=-0.5)
-    low, _ = gatedmtl.flop_bounds(model, size)
-    target = resolve_budget(model, 0.5, size)
-    hinge = gatedmtl.budget.sparsity_loss(model, target, size)
+    low, _ = gatedmtl.flop_bounds(model, (1, *size))
+    target = resolve_budget(model, 0.5, (1, *size))
+    hinge = gatedmtl.budget.sparsity_loss(model, target, (1, *size))
     assert hinge.item() == 0.0  # below the budget: the hinge is silent
-    loss = gatedmtl.budget.sparsity_loss(model, target, size, two_sided=True)
+    loss = gatedmtl.budget.sparsity_loss(model, target, (1, *size), two_sided=True)
     assert loss.item() == pytest.approx(1 - low / target, rel=1e-6)
     loss.backward()
     assert all(bool((g.alpha.grad <= 0).all()) for g in model.gates())  # descent raises the logits: gates open
@@ -97,7 +97,7 @@ def test_finalize_warns_when_training_ended_far_from_the_budget(tmp_path):
 
     trainer = Trainer(TrainConfig(**TINY, out=str(tmp_path / "run")))
     size = trainer.input_size
-    target = resolve_budget(trainer.net.encoder, 0.5, size)
+    target = resolve_budget(trainer.net.encoder, 0.5, (1, *size))
     with pytest.warns(ProjectionWarning, match=r"changed \d+ of \d+ gates"):  # every gate open: far above
         _, report = finalize(trainer.net, target, size)
     assert report["changed_gates"] > 0 and report["gates"] == sum(g.alpha.numel() for g in trainer.net.encoder.gates())
@@ -112,34 +112,34 @@ def test_projection_opens_gates_when_below_budget():
     with torch.no_grad():
         for gate in model.gates():
             gate.alpha.fill_(-1.0)
-    target = resolve_budget(model, 0.5, (3, 32, 32))
-    project_to_budget(model, target, (3, 32, 32))
+    target = resolve_budget(model, 0.5, (1, 3, 32, 32))
+    project_to_budget(model, target, (1, 3, 32, 32))
     landed = gatedmtl.count_flops(gatedmtl.prune(model.eval()), (1, 3, 32, 32))
     assert abs(landed / target - 1) <= 0.01
 
 
 def test_budget_parsing_and_infeasible_budgets():
     model = gatedmtl.convert(timm.create_model("resnet18", pretrained=False), T, input_size=(3, 32, 32))
-    low, high = gatedmtl.flop_bounds(model, (3, 32, 32))
-    assert resolve_budget(model, f"{(low + high) / 2e9:.6f}GF", (3, 32, 32)) == pytest.approx((low + high) / 2, rel=1e-5)
-    assert resolve_budget(model, "0.5", (3, 32, 32)) == resolve_budget(model, 0.5, (3, 32, 32))
+    low, high = gatedmtl.flop_bounds(model, (1, 3, 32, 32))
+    assert resolve_budget(model, f"{(low + high) / 2e9:.6f}GF", (1, 3, 32, 32)) == pytest.approx((low + high) / 2, rel=1e-5)
+    assert resolve_budget(model, "0.5", (1, 3, 32, 32)) == resolve_budget(model, 0.5, (1, 3, 32, 32))
     with pytest.raises(BudgetError, match=r"between .* GFLOPs .* and .* GFLOPs"):
-        resolve_budget(model, 0.9, (3, 32, 32))  # above all-open (T of the T+1 branches)
+        resolve_budget(model, 0.9, (1, 3, 32, 32))  # above all-open (T of the T+1 branches)
     with pytest.raises(BudgetError, match="infeasible"):
-        resolve_budget(model, f"{low / 2e9}GF", (3, 32, 32))
+        resolve_budget(model, f"{low / 2e9}GF", (1, 3, 32, 32))
     for bad in (0, -0.5, 1.5, "0", "fast"):
         with pytest.raises(ValueError):
-            resolve_budget(model, bad, (3, 32, 32))
+            resolve_budget(model, bad, (1, 3, 32, 32))
 
 
 def test_sparsity_loss_closes_gates():
     model = gatedmtl.convert(timm.create_model("resnet18", pretrained=False), T, input_size=(3, 32, 32))
-    target = resolve_budget(model, 0.4, (3, 32, 32))
+    target = resolve_budget(model, 0.4, (1, 3, 32, 32))
     opt = torch.optim.Adam([g.alpha for g in model.gates()], lr=0.1)
     start = gatedmtl.predict_flops(model, (1, 3, 32, 32))
     for _ in range(30):
         opt.zero_grad()
-        gatedmtl.budget.sparsity_loss(model, target, (3, 32, 32)).backward()
+        gatedmtl.budget.sparsity_loss(model, target, (1, 3, 32, 32)).backward()
         opt.step()
     end = gatedmtl.predict_flops(model, (1, 3, 32, 32))
     assert end < start and end <= target * 1.05
@@ -164,8 +164,8 @@ def test_train_logs_checkpoints_and_prunes(tmp_path, gate_group):
     x = torch.randn(2, 3, 32, 48)
     with torch.no_grad():
         # the lean network equals the gated network after projection
-        resolve = resolve_budget(gated.encoder, "0.5", (3, 32, 48))
-        project_to_budget(gated.encoder, resolve, (3, 32, 48))
+        resolve = resolve_budget(gated.encoder, "0.5", (1, 3, 32, 48))
+        project_to_budget(gated.encoder, resolve, (1, 3, 32, 48))
         a, b = gated.eval()(x), lean(x)
     assert all(relative_error(b[t], a[t]) < 1e-4 for t in T)
     metrics = trainer.evaluate(lean)
