@@ -10,6 +10,7 @@ ONNX Runtime) -> per-task metrics and ΔMTL of the lean model against the dense 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -20,7 +21,9 @@ import torch
 from .cost import count_flops, count_params, flop_bounds
 from .export import export_onnx
 from .network import MultiTaskNet
-from .profile import onnx_latency
+from .profile import onnx_kernel_time, onnx_latency
+from .slots import SlotModule
+from .surgery import GatedModel
 from .tasks import delta_mtl
 from .train import RUN_FILES, TrainConfig, Trainer, evaluate
 
@@ -80,14 +83,23 @@ def main(argv: list[str] | None = None) -> int:
     onnx_path = out / "lean.onnx"
     exp = export_onnx(lean, onnx_path, (1, *size))
     worst = max(exp.max_rel_error.values())
-    # the same heads on one shared plain backbone (hard sharing): the latency a lean model competes with
-    shared_path = out / "hard_sharing.onnx"
+    # what a lean model competes with: the same heads on one shared plain backbone (hard sharing),
+    # and T separate networks (each task's own branch as a plain backbone with its head)
+    shared_path, separate_path = out / "hard_sharing.onnx", out / "separate.onnx"
     export_onnx(MultiTaskNet(plain_backbone, trainer.net.heads).eval(), shared_path, (1, *size), check=False)
-    lean_ms, shared_ms = onnx_latency(onnx_path, (1, *size)).median_ms, onnx_latency(shared_path, (1, *size)).median_ms
+    export_onnx(SeparateNetworks(trainer.net.encoder, trainer.net.heads).eval(), separate_path, (1, *size), check=False)
+    paths = {"lean": onnx_path, "hard_sharing": shared_path, "separate": separate_path}
+    kernel = {k: onnx_kernel_time(path, (1, *size)).total_ms for k, path in paths.items()}
+    wall = {k: onnx_latency(path, (1, *size)).median_ms for k, path in paths.items()}
+    t = len(config.tasks)
     print(f"      {onnx_path} ({exp.file_size_bytes / 1e6:.1f} MB): outputs {list(exp.outputs)}; "
           f"ORT vs torch max rel. error {worst:.1e}")
-    print(f"      ONNX Runtime, 1 thread, median: lean {lean_ms:.1f} ms vs {shared_ms:.1f} ms for the same heads on one "
-          f"shared backbone (x{lean_ms / shared_ms:.2f} time for x{report['landed'] / plain:.2f} encoder FLOPs)")
+    print(f"      ONNX Runtime, 1 thread, sum of per-node minimum kernel times (10 runs): lean {kernel['lean']:.1f} ms, "
+          f"hard sharing (one backbone + the heads) {kernel['hard_sharing']:.1f} ms, {t} separate networks (each "
+          f"task's branch as a plain backbone + its head) {kernel['separate']:.1f} ms")
+    print(f"      lean = x{kernel['lean'] / kernel['hard_sharing']:.2f} hard sharing's time and "
+          f"x{kernel['lean'] / kernel['separate']:.2f} the separate networks' time, for x{report['landed'] / plain:.2f} "
+          f"encoder FLOPs (wall medians: {wall['lean']:.1f} / {wall['hard_sharing']:.1f} / {wall['separate']:.1f} ms)")
 
     print("[5/5] metrics on the validation scenes (dense gated vs lean)")
     primary = {t: trainer.tasks[t].primary_metric for t in config.tasks}
@@ -100,15 +112,19 @@ def main(argv: list[str] | None = None) -> int:
     dm = delta_mtl(lean_metrics, dense_metrics, hib, primary)
     print(f"      ΔMTL of the lean model vs the dense gated model (one metric per task): {dm:+.2f} %")
     summary = {"budget": report, "dense": dense_metrics, "lean": lean_metrics, "delta_mtl_vs_dense": dm,
-               "onnx": {"path": str(onnx_path), "max_rel_error": worst, "ort_median_ms": lean_ms,
-                        "hard_sharing_ort_median_ms": shared_ms},
+               "onnx": {"path": str(onnx_path), "max_rel_error": worst, "ort_median_ms": wall["lean"],
+                        "hard_sharing_ort_median_ms": wall["hard_sharing"],
+                        "separate_ort_median_ms": wall["separate"],
+                        "ort_kernel_ms": kernel["lean"], "hard_sharing_ort_kernel_ms": kernel["hard_sharing"],
+                        "separate_ort_kernel_ms": kernel["separate"]},
                "seconds": time.perf_counter() - start}
     (out / "demo.json").write_text(json.dumps(summary, indent=2))
     print(f"done in {summary['seconds']:.0f} s; results in {out}/ (demo.json, log.jsonl, lean.onnx)")
     return 0
 
 
-DEMO_FILES = (*RUN_FILES, "demo.json", "lean.onnx", "lean.onnx.data", "hard_sharing.onnx", "hard_sharing.onnx.data")
+DEMO_FILES = (*RUN_FILES, "demo.json", "lean.onnx", "lean.onnx.data", "hard_sharing.onnx", "hard_sharing.onnx.data",
+              "separate.onnx", "separate.onnx.data")
 
 
 def _clear_demo_folder(out: Path) -> None:
@@ -124,6 +140,32 @@ def _clear_demo_folder(out: Path) -> None:
     for name in DEMO_FILES:
         if (out / name).is_file():
             (out / name).unlink()
+
+
+class SeparateNetworks(torch.nn.Module):
+    """One plain network per task: slot ``t + 1`` of ``encoder`` as a plain backbone, then task ``t``'s head.
+
+    ``forward(x[B, C, H, W]) -> {task: prediction}``, the networks run one after the other
+    (what a user deploys without sharing). Weights are copied from the gated encoder.
+    """
+
+    def __init__(self, encoder: GatedModel, heads: torch.nn.ModuleDict) -> None:
+        super().__init__()
+        self.backbones = torch.nn.ModuleDict({t: slot_backbone(encoder, i + 1) for i, t in enumerate(encoder.tasks)})
+        self.heads = torch.nn.ModuleDict({t: heads[t] for t in encoder.tasks})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {t: self.heads[t](net(x)) for t, net in self.backbones.items()}
+
+
+def slot_backbone(encoder: GatedModel, slot: int) -> torch.nn.Module:
+    """A copy of ``encoder``'s backbone with every slotted module replaced by its slot ``slot`` (no gates)."""
+    plain = copy.deepcopy(encoder.backbone)
+    for name, module in list(plain.named_modules()):
+        if isinstance(module, SlotModule):
+            parent, _, attr = name.rpartition(".")
+            setattr(plain.get_submodule(parent) if parent else plain, attr, module.slots[slot])
+    return plain.eval()
 
 
 def _plain_backbone(trainer: Trainer) -> torch.nn.Module:

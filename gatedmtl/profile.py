@@ -61,8 +61,8 @@ from .prune import LeanGatedLayer, LeanModel, computed_slots, prune
 from .slots import SlotModule, is_slot_unit
 from .surgery import GatedModel, gateable
 
-__all__ = ["Profile", "SlotStats", "LayerStats", "UngatedLayer", "SharedModule", "Latency", "onnx_latency", "profile",
-           "compare", "measure_latency", "main"]
+__all__ = ["Profile", "SlotStats", "LayerStats", "UngatedLayer", "SharedModule", "Latency", "KernelTime", "onnx_latency",
+           "onnx_kernel_time", "ort_session", "profile", "compare", "measure_latency", "main"]
 
 CONVENTION = ("FLOPs are fvcore's: one multiply-add = 1 FLOP (timm and most papers call these MACs; "
               "torch.utils.flop_counter reports 2 per multiply-add)")
@@ -120,6 +120,23 @@ class Latency:
     runs: int
     threads: int
     of: str = "model"  # what was timed: "model" or "prune(model)"
+    cpu_median_ms: float = float("nan")  # median thread CPU time of the calling thread (all of it at 1 thread)
+
+
+@dataclass
+class KernelTime:
+    """ONNX Runtime's own profile of one ONNX file: per node the fastest of ``runs`` runs, in ms.
+
+    ``total_ms`` (the sum over nodes of each node's minimum kernel time) barely moves with load
+    from other processes, unlike wall-clock medians; it leaves out the executor's time between
+    kernels (which the thread CPU time of :class:`Latency` includes).
+    """
+
+    total_ms: float
+    by_op: dict[str, float]  # ONNX Runtime op type (after its graph optimisations) -> summed node minima
+    nodes_by_op: dict[str, int]  # op type -> number of nodes
+    runs: int
+    threads: int
 
 
 @dataclass
@@ -326,33 +343,96 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int], *, threads: in
         return onnx_latency(path, shape, threads=threads, runs=runs, warmup=warmup)
 
 
-def onnx_latency(path: str | Path, input_shape: Sequence[int], *, threads: int = 1, runs: int = 20,
-                 warmup: int = 3) -> Latency:
-    """Time the ONNX file ``path`` with ONNX Runtime (CPU, sequential) on a random input of ``input_shape``."""
-    import numpy as np
+def ort_session(path: str | Path, threads: int = 1, *, level: str = "all", profile_prefix: str | None = None):
+    """An ONNX Runtime CPU session: ``threads`` intra-op threads, sequential execution, quiet log.
+
+    ``level``: graph optimisation level, ``"all"`` (with the NCHWc layout transform), ``"extended"``
+    or ``"basic"``; ``profile_prefix``: turn ONNX Runtime's profiler on, writing ``<prefix>_*.json``.
+    """
     import onnxruntime as ort
 
-    shape = _check_shape(input_shape)
-    if runs < 1 or threads < 1:
-        raise ValueError(f"runs and threads must be >= 1, got runs={runs}, threads={threads}")
+    levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}
+    if level not in levels:
+        raise ValueError(f"level must be one of {sorted(levels)}, got {level!r}")
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
     opts = ort.SessionOptions()
+    opts.graph_optimization_level = levels[level]
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(profile_prefix)
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def onnx_latency(path: str | Path, input_shape: Sequence[int], *, threads: int = 1, runs: int = 20,
+                 warmup: int = 3) -> Latency:
+    """Time the ONNX file ``path`` with ONNX Runtime (CPU, sequential) on a random input of ``input_shape``.
+
+    Wall-clock statistics of ``runs`` runs after ``warmup`` runs, and the median thread CPU time
+    of the calling thread (with ``threads=1`` ONNX Runtime computes in that thread, so it is the
+    model's CPU time, less sensitive to other processes than the wall clock).
+    """
+    import numpy as np
+
+    shape = _check_shape(input_shape)
+    if runs < 1 or threads < 1:
+        raise ValueError(f"runs and threads must be >= 1, got runs={runs}, threads={threads}")
+    session = ort_session(path, threads)
     name = session.get_inputs()[0].name
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     for _ in range(warmup):
         session.run(None, {name: x})
-    times = []
+    times, cpu = [], []
     for _ in range(runs):
-        t0 = time.perf_counter()
+        c0, t0 = time.thread_time(), time.perf_counter()
         session.run(None, {name: x})
-        times.append((time.perf_counter() - t0) * 1e3)
+        t1, c1 = time.perf_counter(), time.thread_time()
+        times.append((t1 - t0) * 1e3)
+        cpu.append((c1 - c0) * 1e3)
     arr = np.asarray(times)
     return Latency(float(np.median(arr)), float(np.percentile(arr, 90)), float(arr.mean()), float(arr.min()),
-                   runs, threads)
+                   runs, threads, cpu_median_ms=float(np.median(cpu)))
+
+
+def onnx_kernel_time(path: str | Path, input_shape: Sequence[int], *, threads: int = 1, runs: int = 10,
+                     warmup: int = 3, level: str = "all") -> KernelTime:
+    """Profile ``path`` with ONNX Runtime's profiler: per node the minimum kernel time over ``runs`` runs.
+
+    The ``warmup`` runs before are dropped. See :class:`KernelTime`.
+    """
+    import numpy as np
+
+    shape = _check_shape(input_shape)
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"runs must be >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+    with tempfile.TemporaryDirectory(prefix="gatedmtl-ortprof-") as tmp:
+        session = ort_session(path, threads, level=level, profile_prefix=str(Path(tmp) / "profile"))
+        name = session.get_inputs()[0].name
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        for _ in range(warmup + runs):
+            session.run(None, {name: x})
+        events = json.loads(Path(session.end_profiling()).read_text())
+    starts = sorted(e["ts"] for e in events if e.get("name") == "model_run")
+    first = starts[warmup]
+    fastest: dict[str, float] = {}
+    op_of: dict[str, str] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= first:
+            node = e["name"]
+            fastest[node] = min(fastest.get(node, float("inf")), e["dur"] / 1e3)
+            op_of[node] = e["args"]["op_name"]
+    by_op: dict[str, float] = {}
+    count: dict[str, int] = {}
+    for node, ms in fastest.items():
+        by_op[op_of[node]] = by_op.get(op_of[node], 0.0) + ms
+        count[op_of[node]] = count.get(op_of[node], 0) + 1
+    return KernelTime(sum(fastest.values()), by_op, count, runs, threads)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -112,3 +112,27 @@ def test_cli(tmp_path, capsys):
     assert "### gated layers" in capsys.readouterr().out
     assert main(["resnet18", "--density", "2", "--no-latency"]) == 2
     assert main(["no_such_model_xyz", "--no-latency"]) == 2
+
+
+def test_onnx_kernel_time_counts_every_node_and_sums_them(tmp_path):
+    from gatedmtl.export import export_onnx
+    from gatedmtl.profile import onnx_kernel_time, onnx_latency
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.convs = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 4, 3))
+
+        def forward(self, x):
+            return {"out": self.convs(x)}
+
+    path = export_onnx(Net().eval(), tmp_path / "m.onnx", (1, 3, 16, 16), check=False).path
+    kt = onnx_kernel_time(path, (1, 3, 16, 16), runs=2, warmup=1)
+    convs = sum(n for op, n in kt.nodes_by_op.items() if "Conv" in op)
+    assert convs == 3  # one node per conv, nothing merged away
+    assert set(kt.by_op) == set(kt.nodes_by_op) and kt.runs == 2 and kt.threads == 1
+    assert kt.total_ms == pytest.approx(sum(kt.by_op.values())) and kt.total_ms > 0
+    lat = onnx_latency(path, (1, 3, 16, 16), runs=3, warmup=1)
+    assert 0 < lat.cpu_median_ms and lat.runs == 3
+    with pytest.raises(ValueError, match="runs"):
+        onnx_kernel_time(path, (1, 3, 16, 16), runs=0)
