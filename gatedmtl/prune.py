@@ -365,7 +365,13 @@ class LeanModel(nn.Module):
         try:
             if self.streams and k > 1:
                 per_slot = split_streams(self.backbone(Streams([x.clone() for _ in range(k)])), k)
-                return {t: per_slot[self.slots.index(i + 1)] for i, t in enumerate(self.tasks)}
+                result = {t: per_slot[self.slots.index(i + 1)] for i, t in enumerate(self.tasks)}
+                if 0 in self.slots:  # the shared stream's own output reaches no task: keep it computed (a 0)
+                    leaves = [o for o in _leaves(per_slot[self.slots.index(0)]) if isinstance(o, Tensor)]
+                    if leaves:
+                        zero = sum(o.flatten()[:0].sum() for o in leaves)
+                        result[self.tasks[0]] = _add_to_first(result[self.tasks[0]], zero)
+                return result
             if self.task_networks is not None:
                 return {t: net(x) for t, net in zip(self.tasks, self.task_networks)}
             out = self.backbone(torch.cat([x] * k, 0) if k > 1 else x)
@@ -589,6 +595,27 @@ def _try_streams(lean: LeanModel) -> str | None:
     finally:
         lean.streams = False
         lean.train(was_training)
+
+
+def _add_to_first(obj: Any, value: Tensor) -> Any:
+    """``obj`` with ``value`` added to its first tensor (containers rebuilt, other tensors shared)."""
+    if isinstance(obj, Tensor):
+        return obj + value
+    if isinstance(obj, (list, tuple)):
+        items, done = [], False
+        for o in obj:
+            if not done and _leaves(o) and any(isinstance(t, Tensor) for t in _leaves(o)):
+                o, done = _add_to_first(o, value), True
+            items.append(o)
+        return items if isinstance(obj, list) else tuple(items)
+    if isinstance(obj, dict):
+        out, done = {}, False
+        for k, o in obj.items():
+            if not done and any(isinstance(t, Tensor) for t in _leaves(o)):
+                o, done = _add_to_first(o, value), True
+            out[k] = o
+        return out
+    return obj
 
 
 def _leaves(obj: Any) -> list[Any]:
