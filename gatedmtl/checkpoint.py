@@ -80,10 +80,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(META_KEY)
+        raw = _raw_meta(path)
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         foreign = _describe_foreign(path)
@@ -102,14 +99,19 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
     return tensors, meta
 
 
-def read_meta(path: str | Path) -> dict[str, Any]:
-    """The metadata record of a checkpoint without reading its tensors."""
+def _raw_meta(path: Path) -> str | None:
+    """The JSON text under :data:`META_KEY` in a safetensors file's header (``None``: absent)."""
     from safetensors import safe_open
 
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get(META_KEY)
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The metadata record of a checkpoint without reading its tensors."""
     path = Path(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(META_KEY)
+        raw = _raw_meta(path)
         return json.loads(raw) if raw is not None else {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"cannot read the metadata of {path}: {e}") from e

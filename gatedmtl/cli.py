@@ -131,8 +131,7 @@ def _config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # option dest -> TrainConfig fields it sets
-_DEST_FIELDS = {"image_size": ("image_size",), "no_progress": ("progress",), "balance_opt": ("balance_options",),
-                "budget": ("budget",), "init_task_weights": ("init_task_weights",)}
+_DEST_FIELDS = {"no_progress": ("progress",), "balance_opt": ("balance_options",)}
 
 
 def _train(args: argparse.Namespace, explicit: set[str]) -> int:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .files import check_output, remove_stale_temps, replace_file, temp_path
+from .files import check_not_special, check_output, remove_stale_temps, replace_file, temp_path
 
 __all__ = [
     "METADATA_KEY",
@@ -354,7 +354,7 @@ def _check_output_path(path: Path, force: bool = False) -> None:
     if path.is_dir():
         raise ValueError(f"output path {path} is a directory; give a file name such as {path / 'model.onnx'}")
     check_output(path, force=force)
-    check_output(path.parent / (path.name + ".data"), force=True)  # never a special file
+    check_not_special(path.parent / (path.name + ".data"))
 
 
 @contextlib.contextmanager

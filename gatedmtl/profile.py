@@ -699,9 +699,9 @@ def _checkpoint_profiles(args: argparse.Namespace) -> list[Profile]:
 
 
 def _plain_of_lean(meta: dict[str, Any], shape: tuple[int, ...], opts: dict[str, Any]) -> Profile:
-    import timm
+    from .network import build_backbone
 
-    backbone = timm.create_model(meta["config"]["model"], pretrained=False, features_only=True).eval()
+    backbone = build_backbone(meta["config"]["model"], in_chans=int(meta["input_size"][0])).eval()
     return profile(backbone, shape, **opts)
 
 

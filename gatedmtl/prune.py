@@ -26,7 +26,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from .slots import SlotModule, _batch_dim_in, _merge
+from .slots import SlotModule, _batch_dim_in, _merge, iter_tensors
 from .streams import Streams, StreamsError, distinct, merge_streams, split_streams
 from .streams import _count as _count_streams
 from .streams import _pick as _pick_stream
@@ -367,7 +367,7 @@ class LeanModel(nn.Module):
                 per_slot = split_streams(self.backbone(Streams([x.clone() for _ in range(k)])), k)
                 result = {t: per_slot[self.slots.index(i + 1)] for i, t in enumerate(self.tasks)}
                 if 0 in self.slots:  # the shared stream's own output reaches no task: keep it computed (a 0)
-                    leaves = [o for o in _leaves(per_slot[self.slots.index(0)]) if isinstance(o, Tensor)]
+                    leaves = list(iter_tensors(per_slot[self.slots.index(0)]))
                     if leaves:
                         zero = sum(o.flatten()[:0].sum() for o in leaves)
                         result[self.tasks[0]] = _add_to_first(result[self.tasks[0]], zero)
@@ -587,7 +587,7 @@ def _try_streams(lean: LeanModel) -> str | None:
         x = torch.zeros((1, *lean.input_size), device=device)
         with torch.no_grad():
             out = lean(x)
-        if any(isinstance(o, Streams) for o in _leaves(out)):
+        if _count_streams(out) is not None:
             return "the backbone returns streams inside an unsupported container"
         return None
     except (StreamsError, TypeError, AttributeError, RuntimeError, ValueError, IndexError) as e:
@@ -601,26 +601,13 @@ def _add_to_first(obj: Any, value: Tensor) -> Any:
     """``obj`` with ``value`` added to its first tensor (containers rebuilt, other tensors shared)."""
     if isinstance(obj, Tensor):
         return obj + value
-    if isinstance(obj, (list, tuple)):
-        items, done = [], False
-        for o in obj:
-            if not done and _leaves(o) and any(isinstance(t, Tensor) for t in _leaves(o)):
-                o, done = _add_to_first(o, value), True
-            items.append(o)
+    if isinstance(obj, (list, tuple, dict)):
+        keys = list(obj) if isinstance(obj, dict) else range(len(obj))
+        first = next((k for k in keys if next(iter_tensors(obj[k]), None) is not None), None)
+        if first is None:
+            return obj
+        if isinstance(obj, dict):
+            return {k: _add_to_first(o, value) if k == first else o for k, o in obj.items()}
+        items = [_add_to_first(o, value) if i == first else o for i, o in enumerate(obj)]
         return items if isinstance(obj, list) else tuple(items)
-    if isinstance(obj, dict):
-        out, done = {}, False
-        for k, o in obj.items():
-            if not done and any(isinstance(t, Tensor) for t in _leaves(o)):
-                o, done = _add_to_first(o, value), True
-            out[k] = o
-        return out
     return obj
-
-
-def _leaves(obj: Any) -> list[Any]:
-    if isinstance(obj, dict):
-        return [x for v in obj.values() for x in _leaves(v)]
-    if isinstance(obj, (list, tuple)):
-        return [x for v in obj for x in _leaves(v)]
-    return [obj]

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["Streams", "StreamsError", "split_streams", "merge_streams", "is_streams", "to_slot_list", "distinct"]
+__all__ = ["Streams", "StreamsError", "split_streams", "merge_streams", "distinct"]
 
 
 class StreamsError(TypeError):
@@ -160,16 +160,3 @@ for _name in ("__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub_
 Streams.__hash__ = object.__hash__  # type: ignore[method-assign]
 
 del _name
-
-
-def is_streams(obj: Any) -> bool:
-    """Whether ``obj`` (or anything nested in it) holds :class:`Streams`."""
-    return _count(obj) is not None
-
-
-def to_slot_list(x: Any) -> list[Tensor]:
-    """The per-slot tensors of ``x`` (a :class:`Streams`)."""
-    if not isinstance(x, Streams):
-        raise StreamsError(f"expected per-slot streams, got {type(x).__name__}")
-    return x.tensors
-

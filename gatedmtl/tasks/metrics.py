@@ -108,6 +108,15 @@ class SegMetric(Metric):
         return self
 
 
+def _as_maps(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """``[B, H, W]`` or ``[B, 1, H, W]`` maps -> ``[B, 1, H, W]``, ``pred`` resized to the target's H x W."""
+    if target.dim() == 3:
+        target = target.unsqueeze(1)
+    if pred.dim() == 3:
+        pred = pred.unsqueeze(1)
+    return match_size(pred, target.shape[-2:]), target
+
+
 class DepthMetric(Metric):
     """Depth errors over valid pixels (gt > 0), pooled over all pixels of the data set.
 
@@ -126,11 +135,7 @@ class DepthMetric(Metric):
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
-        if target.dim() == 3:
-            target = target.unsqueeze(1)
-        if pred.dim() == 3:
-            pred = pred.unsqueeze(1)
-        pred = match_size(pred, target.shape[-2:])
+        pred, target = _as_maps(pred, target)
         if pred.shape != target.shape:
             raise ValueError(f"prediction {tuple(pred.shape)} does not match target {tuple(target.shape)}")
         valid = target > 0
@@ -323,11 +328,7 @@ class BoundaryMetric(Metric):
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
-        if target.dim() == 3:
-            target = target.unsqueeze(1)
-        if pred.dim() == 3:
-            pred = pred.unsqueeze(1)
-        pred = match_size(pred.float(), target.shape[-2:])
+        pred, target = _as_maps(pred.float(), target)
         if pred.shape != target.shape or pred.shape[1] != 1:
             raise ValueError(f"boundary maps must be [B,1,H,W]; got pred {tuple(pred.shape)}, target {tuple(target.shape)}")
         gt = target > 0.5
