@@ -175,6 +175,66 @@ def _train(args: argparse.Namespace, explicit: set[str]) -> int:
     return 0
 
 
+def _add_finetune(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("finetune", help="train a pruned lean network further at its fixed architecture",
+                       formatter_class=_HELP,
+                       description="Fine-tune a lean checkpoint (from gatedmtl prune): the same network, no gates and "
+                                   "no budget term, so its FLOPs stay what prune landed. Every option left out keeps "
+                                   "the value of the run that trained the network. The run folder holds a lean "
+                                   "checkpoint (last.safetensors) that eval, export and profile read.")
+    p.add_argument("checkpoint", nargs="?", default=None, help="lean checkpoint to fine-tune (not needed with --resume)")
+    p.add_argument("--out", required=True, help="run folder: last/prev.safetensors, log.jsonl, summary.json")
+    p.add_argument("--epochs", type=int, default=2, help="epochs of fine-tuning")
+    p.add_argument("--steps-per-epoch", type=int, default=None, help="cap on the steps per epoch (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=None, help="samples per step (default: the run's)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: a tenth of the run's)")
+    p.add_argument("--schedule", default=None, choices=["cosine", "step", "constant"], help="(default: the run's)")
+    p.add_argument("--balance", default=None, help="loss-balancing strategy (default: the run's)")
+    p.add_argument("--balance-opt", default=None, help="strategy options, e.g. groups=2,eta=1e-4")
+    p.add_argument("--seed", type=int, default=None, help="seed of the data order (default: the run's)")
+    p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: every epoch only)")
+    p.add_argument("--resume", action="store_true", help="continue the fine-tuning run in --out")
+    p.add_argument("--force", action="store_true", help="start over in an --out that already holds a run")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _finetune(args: argparse.Namespace, explicit: set[str]) -> int:
+    from .train import Trainer, finetune_config, resume_config, write_text
+
+    if args.resume and args.force:
+        raise ValueError("--resume continues a run and --force starts it over: give one of them")
+    overrides: dict[str, Any] = {"epochs": args.epochs, "save_every": args.save_every, "device": args.device,
+                                 "progress": not args.no_progress, "out": args.out}
+    for name in ("steps_per_epoch", "batch_size", "lr", "schedule", "balance", "seed"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    if args.balance_opt is not None:
+        overrides["balance_options"] = {k: _value(v) for k, v in _kv(args.balance_opt, "--balance-opt").items()}
+    if args.resume:
+        if args.checkpoint is not None:
+            raise ValueError("--resume continues the run in --out from its own checkpoint: leave out the lean checkpoint")
+        given = {f for dest in explicit - {"resume", "force", "out", "checkpoint"} for f in _DEST_FIELDS.get(dest, (dest,))}
+        config = resume_config(args.out, {k: v for k, v in overrides.items() if k in given})
+        if not config.finetune:
+            raise ValueError(f"{args.out} holds a training run, not a fine-tuning run; continue it with gatedmtl train --resume")
+    else:
+        if args.checkpoint is None:
+            raise ValueError("give the lean checkpoint to fine-tune (from gatedmtl prune)")
+        config = finetune_config(args.checkpoint, overrides)
+    trainer = Trainer(config, resume=args.resume, force=args.force)
+    summary: dict[str, Any] = {"tasks": list(config.tasks), "finetuned_from": config.finetune}
+    if not args.resume:
+        summary["val_before"] = trainer.evaluate(desc="eval (before fine-tuning)")
+    summary |= trainer.fit()
+    summary["val"] = trainer.evaluate(desc="eval (fine-tuned lean model)")
+    write_text(Path(config.out) / "summary.json", json.dumps(summary, indent=2))
+    print(f"validation metrics of the fine-tuned lean model {trainer.ckpt_path} (also in {Path(config.out) / 'summary.json'}):")
+    print(json.dumps(summary["val"], indent=2))
+    return 0
+
+
 def _prune(args: argparse.Namespace, explicit: set[str]) -> int:
     from .train import prune_checkpoint
 
@@ -274,13 +334,13 @@ def _verify(args: argparse.Namespace, explicit: set[str]) -> int:
     return 0 if report.ok else 1
 
 
-_HANDLERS = {"train": _train, "prune": _prune, "export": _export, "eval": _eval, "verify": _verify}
+_HANDLERS = {"train": _train, "finetune": _finetune, "prune": _prune, "export": _export, "eval": _eval, "verify": _verify}
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(prog="gatedmtl", description="Gated multi-task networks for the edge. " + _FLOPS + ".")
     sub = parser.add_subparsers(dest="command", required=True)
-    subs = {"train": _add_train(sub)}
+    subs = {"train": _add_train(sub), "finetune": _add_finetune(sub)}
     p = subs["prune"] = sub.add_parser("prune", help="project a gated checkpoint onto its budget and prune it",
                                        formatter_class=_HELP)
     p.add_argument("checkpoint", help="gated training checkpoint (last.safetensors of a run)")

@@ -46,13 +46,20 @@ from .parallel import unreached_parameters
 from .surgery import GatedModel
 
 __all__ = ["TrainConfig", "Trainer", "evaluate", "NonFiniteLossError", "load_network", "prune_checkpoint", "ProjectionWarning",
-           "init_distributed", "finalize", "resume_config", "RESUME_OVERRIDES", "RUN_FILES"]
+           "init_distributed", "finalize", "resume_config", "finetune_config", "RESUME_OVERRIDES", "FINETUNE_OPTIONS",
+           "RUN_FILES"]
 
 RUN_FILES = ("last.safetensors", "prev.safetensors", "last.json", "log.jsonl", "summary.json")
 """Files a training run writes into its ``out`` folder."""
 
 RESUME_OVERRIDES = ("epochs", "save_every", "progress", "device")
 """Settings that may change when a run is resumed (everything else must equal the saved run's)."""
+
+FINETUNE_OPTIONS = ("epochs", "steps_per_epoch", "batch_size", "optimizer", "lr", "weight_decay", "schedule",
+                    "grad_clip", "balance", "balance_options", "seed", "out", "save_every", "device", "progress",
+                    "freeze_bn", "train_length", "val_length")
+"""Settings a fine-tuning run may take other than the lean network's training run (the rest fix the network
+and its data: model, tasks, data set, image size, gates)."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -101,6 +108,7 @@ class TrainConfig:
     amp: bool = True
     progress: bool = True
     freeze_bn: bool = False  # BatchNorm layers normalise with (and keep) their running statistics
+    finetune: str | None = None  # a lean checkpoint: train that pruned network at its fixed architecture
 
     def validate(self) -> None:
         if self.arch not in ("gated", "shared"):
@@ -200,6 +208,30 @@ def resume_config(out: str | Path, overrides: Mapping[str, Any] | None = None) -
                              f"its settings (only {', '.join(RESUME_OVERRIDES)} may change); drop the flag or start "
                              "a new run with another --out")
     data["out"] = str(out)
+    return TrainConfig.from_json(data)
+
+
+def finetune_config(lean: str | Path, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """The configuration that fine-tunes the lean checkpoint ``lean``: its training run's, with ``overrides``.
+
+    Only the settings in :data:`FINETUNE_OPTIONS` may differ from the run that trained the network; the
+    learning rate defaults to a tenth of that run's. Raises ``ValueError`` naming any other setting.
+    """
+    path = Path(lean)
+    meta = read_meta(path)
+    if meta.get("kind") != "lean" or not isinstance(meta.get("config"), Mapping):
+        raise ValueError(f"{path} is not a lean checkpoint; fine-tuning takes the output of gatedmtl prune "
+                         "(or of an earlier fine-tuning)")
+    data = dict(meta["config"])
+    data["lr"] = float(data.get("lr", 1e-3)) * 0.1
+    data["finetune"] = str(path)
+    for key, value in (overrides or {}).items():
+        value = json.loads(json.dumps(value))
+        if key in FINETUNE_OPTIONS:
+            data[key] = value
+        elif key in data and data[key] != value:
+            raise ValueError(f"{path} was trained with {key}={data[key]!r}; fine-tuning keeps the network and its "
+                             f"data (only {', '.join(FINETUNE_OPTIONS)} may change)")
     return TrainConfig.from_json(data)
 
 
@@ -305,7 +337,12 @@ class Trainer:
         self.task_spec = _task_spec(self.train_set, config.tasks)
         self.input_size = _image_size(self.train_set)
         self.tasks = tasks_from_spec(self.task_spec)
-        self.net = build_from_config(config, self.task_spec, self.input_size).to(self.device)
+        self.lean_tensors: dict[str, Tensor] = {}  # gate masks of a fine-tuned lean network
+        self.lean_meta: dict[str, Any] = {}
+        if config.finetune:
+            self.net = self._load_lean(self.ckpt_path if resume else Path(config.finetune)).to(self.device)
+        else:
+            self.net = build_from_config(config, self.task_spec, self.input_size).to(self.device)
         self.strategy = balancing.create(config.balance, list(config.tasks), **config.balance_options)
         self.budget_flops: float | None = None
         if self.gated and config.budget is not None:
@@ -330,6 +367,23 @@ class Trainer:
     @property
     def gated(self) -> bool:
         return isinstance(self.net.encoder, GatedModel)
+
+    def _load_lean(self, path: Path) -> MultiTaskNet:
+        """The lean network of ``path`` (``config.finetune``, or this run's own checkpoint on resume)."""
+        net, meta = load_network(path)
+        if meta.get("kind") != "lean":
+            raise ValueError(f"{path} is a '{meta.get('kind')}' checkpoint; fine-tuning takes a lean one "
+                             f"(gatedmtl prune {path} --out lean.safetensors)")
+        if tuple(meta["tasks"] if "tasks" in meta else meta["config"]["tasks"]) != tuple(self.config.tasks):
+            raise ValueError(f"{path} has tasks {meta['config']['tasks']}, this run {list(self.config.tasks)}")
+        if tuple(meta["input_size"]) != tuple(self.input_size):
+            raise ValueError(f"{path} was pruned for input {meta['input_size']}, the data set gives "
+                             f"{list(self.input_size)}")
+        tensors, _ = load_checkpoint(path)
+        self.lean_tensors = {k: v for k, v in tensors.items() if k.startswith("mask.")}
+        self.lean_meta = {k: meta[k] for k in ("flops", "finetuned_from") if k in meta}
+        self.lean_meta.setdefault("finetuned_from", str(path))
+        return net
 
     def _data_parallel(self) -> nn.Module:
         """DDP around the net for loss-level strategies (one backward, averaged by DDP's reducer);
@@ -390,13 +444,15 @@ class Trainer:
         tensors["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available() and self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        return tensors
+        return tensors | self.lean_tensors
 
     def meta(self) -> dict[str, Any]:
-        return {"kind": "train", "format": 2, "tasks": list(self.config.tasks), "config": self.config.to_json(),
+        # a fine-tuned network is saved as a lean checkpoint (eval / export / profile read it as one)
+        kind = "lean" if self.config.finetune else "train"
+        return {"kind": kind, "format": 2, "tasks": list(self.config.tasks), "config": self.config.to_json(),
                 "task_spec": self.task_spec,
                 "input_size": list(self.input_size), "step": self.step, "world": self.world,
-                "history": self.history}
+                "history": self.history} | self.lean_meta
 
     def save(self, path: Path | None = None) -> Path | None:
         if self.rank != 0:
