@@ -46,7 +46,7 @@ from .parallel import unreached_parameters
 from .surgery import GatedModel
 
 __all__ = ["TrainConfig", "Trainer", "evaluate", "NonFiniteLossError", "load_network", "prune_checkpoint", "ProjectionWarning",
-           "init_distributed", "finalize", "resume_config", "finetune_config", "RESUME_OVERRIDES", "FINETUNE_OPTIONS",
+           "init_distributed", "finalize", "save_lean", "resume_config", "finetune_config", "RESUME_OVERRIDES", "FINETUNE_OPTIONS",
            "RUN_FILES"]
 
 RUN_FILES = ("last.safetensors", "prev.safetensors", "last.json", "log.jsonl", "summary.json")
@@ -579,8 +579,8 @@ class Trainer:
             for p, g in zip(params, torch.autograd.grad(reg, params, allow_unused=True)):
                 if g is not None:
                     p.grad = g if p.grad is None else p.grad + g
-        if self.config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.grad_clip)
+        # the norm of the whole gradient before clipping (logged; max_norm=inf measures without clipping)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.grad_clip or math.inf)
         self.optimizer.step()
 
         def recompute() -> dict[str, Tensor]:
@@ -593,7 +593,7 @@ class Trainer:
             average_running_stats(self.net)
         self.step += 1
         record = {"step": self.step, "epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
-                  "loss": {t: v.item() for t, v in losses.items()}, "weights": weights}
+                  "loss": {t: v.item() for t, v in losses.items()}, "weights": weights, "grad_norm": float(grad_norm)}
         if self.gated:
             masks = [g.open_mask() for g in self.net.encoder.gates()]
             record["density"] = float(sum(m.sum() for m in masks) / sum(m.numel() for m in masks))
@@ -798,10 +798,19 @@ def prune_checkpoint(path: str | Path, out: str | Path, budget: str | None = Non
     spec = budget if budget is not None else meta["config"].get("budget")
     budget_flops = resolve_budget(net.encoder, spec, (1, *size)) if spec is not None else None
     lean, report = finalize(net, budget_flops, size, progress=progress)
-    tensors = {f"model.{k}": v for k, v in lean.state_dict().items()}
-    for gate in net.encoder.gates():
-        tensors[f"mask.{gate.name}"] = gate.open_mask().to(torch.uint8)
-    lean_meta = dict(meta) | {"kind": "lean", "flops": report}
-    lean_meta.pop("history", None)
-    save_checkpoint(out, tensors, lean_meta)
+    save_lean(out, lean, net, meta, report)
     return report
+
+
+def save_lean(path: str | Path, lean: MultiTaskNet, gated: MultiTaskNet, meta: Mapping[str, Any],
+              report: Mapping[str, Any]) -> Path:
+    """Write the lean checkpoint of ``lean`` = ``finalize(gated)``: its weights, the gate masks of ``gated``
+    and the training run's ``meta`` (``Trainer.meta()`` or a training checkpoint's), ``report`` as ``flops``."""
+    if not isinstance(gated.encoder, GatedModel):
+        raise TypeError("gated must be the gated network that lean was pruned from")
+    tensors = {f"model.{k}": v for k, v in lean.state_dict().items()}
+    for gate in gated.encoder.gates():
+        tensors[f"mask.{gate.name}"] = gate.open_mask().to(torch.uint8)
+    lean_meta = dict(meta) | {"kind": "lean", "flops": dict(report)}
+    lean_meta.pop("history", None)
+    return save_checkpoint(path, tensors, lean_meta)
