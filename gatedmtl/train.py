@@ -198,17 +198,25 @@ def resume_config(out: str | Path, overrides: Mapping[str, Any] | None = None) -
     saved = read_meta(path).get("config")
     if not isinstance(saved, Mapping):
         raise CheckpointError(f"{path} is not a gatedmtl training checkpoint")
-    data = dict(saved)
-    for key, value in (overrides or {}).items():
-        value = json.loads(json.dumps(value))
-        if key in RESUME_OVERRIDES:
-            data[key] = value
-        elif key in data and data[key] != value:
-            raise ValueError(f"the run in {out} was trained with {key}={data[key]!r}, not {value!r}: a resumed run keeps "
-                             f"its settings (only {', '.join(RESUME_OVERRIDES)} may change); drop the flag or start "
-                             "a new run with another --out")
+    data = _override(dict(saved), overrides, RESUME_OVERRIDES,
+                     lambda key, old, new: f"the run in {out} was trained with {key}={old!r}, not {new!r}: a resumed run "
+                     f"keeps its settings (only {', '.join(RESUME_OVERRIDES)} may change); drop the flag or start a new "
+                     "run with another --out")
     data["out"] = str(out)
     return TrainConfig.from_json(data)
+
+
+def _override(data: dict[str, Any], overrides: Mapping[str, Any] | None, allowed: Sequence[str],
+              refusal: Callable[[str, Any, Any], str]) -> dict[str, Any]:
+    """``data`` with ``overrides`` of the ``allowed`` keys; any other override that differs raises
+    ``ValueError(refusal(key, saved, given))`` (an override equal to the saved value is fine)."""
+    for key, value in (overrides or {}).items():
+        value = json.loads(json.dumps(value))
+        if key in allowed:
+            data[key] = value
+        elif key in data and data[key] != value:
+            raise ValueError(refusal(key, data[key], value))
+    return data
 
 
 def finetune_config(lean: str | Path, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
@@ -225,13 +233,9 @@ def finetune_config(lean: str | Path, overrides: Mapping[str, Any] | None = None
     data = dict(meta["config"])
     data["lr"] = float(data.get("lr", 1e-3)) * 0.1
     data["finetune"] = str(path)
-    for key, value in (overrides or {}).items():
-        value = json.loads(json.dumps(value))
-        if key in FINETUNE_OPTIONS:
-            data[key] = value
-        elif key in data and data[key] != value:
-            raise ValueError(f"{path} was trained with {key}={data[key]!r}; fine-tuning keeps the network and its "
-                             f"data (only {', '.join(FINETUNE_OPTIONS)} may change)")
+    data = _override(data, overrides, FINETUNE_OPTIONS,
+                     lambda key, old, new: f"{path} was trained with {key}={old!r}; fine-tuning keeps the network and "
+                     f"its data (only {', '.join(FINETUNE_OPTIONS)} may change)")
     return TrainConfig.from_json(data)
 
 

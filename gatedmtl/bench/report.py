@@ -263,6 +263,25 @@ def _plots(entries: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any
     return paths
 
 
+def _missing_rows(exp: Mapping[str, Any], entries: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The experiment's rows that have no result (GatedMTL rows of the best method only when it was chosen)."""
+    have = {e["row"] for e in entries}
+    missing = [f"MTL + {METHOD_NAMES.get(m, m)}" for m in exp["methods"] if f"mtl-{m}" not in have]
+    for balance in exp["gated_balances"]:
+        if balance == "best":
+            chosen = {e["row"].split("-")[1] for e in entries if e["family"] == "gated"} - {
+                b for b in exp["gated_balances"] if b != "best"}
+            if not chosen:
+                missing.append("GatedMTL + the best balancing method (every budget)")
+            continue
+        for b in exp["budgets"]:
+            for suffix, what in (("", ""), ("-ft", " + fine-tune")):
+                if (suffix and not exp["finetune_steps"]) or f"gated-{balance}-b{b:g}{suffix}" in have:
+                    continue
+                missing.append(f"GatedMTL + {METHOD_NAMES.get(balance, balance)}, budget {b:g}{what}")
+    return missing
+
+
 def _summary_lines(exp: Mapping[str, Any], tables: Mapping[str, Sequence[Mapping[str, Any]]], primary: Mapping[str, str],
                    tasks: Sequence[str], image_prefix: str, with_fidelity: bool) -> list[str]:
     lines = []
@@ -274,6 +293,9 @@ def _summary_lines(exp: Mapping[str, Any], tables: Mapping[str, Sequence[Mapping
                   f"{'x'.join(map(str, exp['latency_size']))}, sum of per-node minimum kernel times.", ""]
         lines += _markdown_table(entries, tasks, primary)
         lines += ["", "Reading: " + _reading(entries), ""]
+        missing = _missing_rows(exp, entries)
+        if missing:
+            lines += [f"Not run for {model} (time): " + ", ".join(missing) + ".", ""]
         if with_fidelity:
             lines += ["Budget fidelity (every GatedMTL row):", ""] + _fidelity_table(entries) + [""]
         for kind, what in (("pareto", "Pareto front"), ("gates", "gate maps"), ("dynamics", "training dynamics")):
