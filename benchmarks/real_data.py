@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import multiprocessing
+import shutil
 import sys
 import tempfile
 import time
@@ -241,6 +242,8 @@ def main() -> None:
                 done[futures[future]] = future.result()
                 save()
     print(save())
+    shutil.rmtree(tmp, ignore_errors=True)  # the runs' checkpoints; the results are in the files above
+
 
 if __name__ == "__main__":
     main()
