@@ -32,6 +32,7 @@ from gatedmtl.data.items import find_idx_files, split_per_class
 from gatedmtl.data.multi_mnist import overlay_pairs, resize_nearest
 from gatedmtl.data.nyud_png import decode_nyud_normals
 from gatedmtl.network import tasks_from_spec
+from gatedmtl.tasks import DepthMetric, depth_l1_loss
 from gatedmtl.train import TrainConfig, Trainer, load_network
 
 HAS_FASHION = (DEBIAN_FASHION_MNIST / "train-labels-idx1-ubyte.gz").is_file()
@@ -416,3 +417,33 @@ def test_nyud_png_normals_agree_with_the_depth(tmp_path):
     raw = rgb.astype(np.float64)[4:-4, 4:-4] / 255 * 2 - 1  # the stored channels as they are: a worse fit
     raw /= np.linalg.norm(raw, axis=-1, keepdims=True) + 1e-12
     assert np.median((from_depth[ok] * raw[ok]).sum(-1)) < 0.5
+
+
+def test_depth_loss_and_metric_mask_infinite_targets():
+    target = torch.tensor([[[[1.0, 2.0, float("inf"), 0.0]]]])
+    pred = torch.tensor([[[[2.0, 4.0, 9.0, 9.0]]]], requires_grad=True)
+    loss = depth_l1_loss(pred, target)
+    assert loss.item() == pytest.approx(1.5)  # (1 + 2) / 2 valid pixels
+    loss.backward()
+    assert pred.grad[0, 0, 0].tolist() == [0.5, 0.5, 0.0, 0.0]
+    m = DepthMetric()
+    m.update(pred.detach(), target)
+    assert m.count == 2 and m.compute()["rmse"] == pytest.approx(((1 + 4) / 2) ** 0.5)
+
+
+def test_stereo_motorcycle_disparity_marks_unknown_pixels_invalid():
+    pytest.importorskip("skimage", reason="scikit-image not installed (pip install 'gatedmtl[data]')")
+    from gatedmtl.data import load_stereo_motorcycle, motorcycle_left_path
+
+    import skimage.data
+
+    raw = skimage.data.stereo_motorcycle()[2]
+    item = load_stereo_motorcycle()
+    depth = item["depth"]
+    assert item["image"].shape == item["right"].shape == (3, 500, 741) and depth.shape == (1, 500, 741)
+    assert torch.equal(depth[0] == 0, torch.from_numpy(~np.isfinite(raw))) and torch.isfinite(depth).all()
+    m = DepthMetric()
+    m.update(depth[None] + 1.0, depth[None])  # off by one pixel wherever the disparity is known
+    assert m.count == int(np.isfinite(raw).sum()) and m.compute()["rmse"] == pytest.approx(1.0)
+    assert load_stereo_motorcycle(size=(64, 96))["depth"].shape == (1, 64, 96)
+    assert Path(motorcycle_left_path()).is_file()

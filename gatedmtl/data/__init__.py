@@ -1,6 +1,6 @@
 """Data sets: the embedded procedural "scenes" set; sets built from real Fashion-MNIST / MNIST
 items (MultiMNIST, MultiFashion, Multi-(Fashion+MNIST), fashion scenes); loaders for NYUv2,
-NYUD-v2 PNG frames, Cityscapes, CelebA."""
+NYUD-v2 PNG frames, Cityscapes, CelebA; scikit-image's motorcycle stereo pair (a real disparity map)."""
 from .base import IMAGENET_MEAN, IMAGENET_STD, MultiTaskDataset, image_to_tensor
 from .registry import available_datasets, create_dataset, dataset_tasks, register_dataset
 from .celeba import CelebADataset
@@ -18,6 +18,7 @@ from .items import (
 from .multi_mnist import FashionMNISTMNISTDataset, MultiFashionDataset, MultiMNISTDataset, build_overlay_set
 from .nyud_png import NYUDPngDataset
 from .nyuv2 import NYUv2Dataset
+from .stereo import load_stereo_motorcycle, motorcycle_left_path
 from .scenes import SCENE_ATTRIBUTES, SCENE_CLASSES, SCENE_OBJECT_CLASSES, ScenesDataset, render_scene
 
 __all__ = [
@@ -39,6 +40,8 @@ __all__ = [
     "build_overlay_set",
     "render_fashion_scene",
     "read_idx",
+    "load_stereo_motorcycle",
+    "motorcycle_left_path",
     "load_fashion_mnist",
     "load_mnist",
     "ItemSet",

@@ -42,11 +42,13 @@ def seg_loss(pred: Tensor, target: Tensor, ignore_index: int = 255) -> Tensor:
 
 
 def depth_l1_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """Mean |pred - gt| over valid pixels (gt > 0). pred [B,1,H,W]; target [B,1,H,W] or [B,H,W]."""
+    """Mean |pred - gt| over valid pixels (gt > 0 and finite: an ``inf`` disparity is invalid too).
+    pred [B,1,H,W]; target [B,1,H,W] or [B,H,W]."""
     target = _as_map(target).float()
     pred = match_size(pred, target.shape[-2:]).float()  # float32 also under autocast
-    mask = (target > 0).to(pred.dtype)
-    return ((pred - target).abs() * mask).sum() / mask.sum().clamp_min(1.0)
+    valid = (target > 0) & torch.isfinite(target)
+    diff = torch.where(valid, pred - torch.where(valid, target, 0.0), 0.0).abs()
+    return diff.sum() / valid.sum().clamp_min(1).to(pred.dtype)
 
 
 def normal_valid_mask(target: Tensor) -> Tensor:

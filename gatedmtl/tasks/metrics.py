@@ -118,7 +118,8 @@ def _as_maps(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class DepthMetric(Metric):
-    """Depth errors over valid pixels (gt > 0), pooled over all pixels of the data set.
+    """Depth errors over valid pixels (gt > 0 and finite, so that an ``inf`` disparity counts as
+    invalid), pooled over all pixels of the data set.
 
     ``abs_err`` = Σ|p−g|/N, ``rel_err`` = Σ(|p−g|/g)/N (LibMTL/MTAN), ``rmse`` = sqrt(Σ(p−g)²/N)
     (Vandenhende). pred [B,1,h,w] (resized to the target); target [B,1,H,W] or [B,H,W].
@@ -138,7 +139,7 @@ class DepthMetric(Metric):
         pred, target = _as_maps(pred, target)
         if pred.shape != target.shape:
             raise ValueError(f"prediction {tuple(pred.shape)} does not match target {tuple(target.shape)}")
-        valid = target > 0
+        valid = (target > 0) & torch.isfinite(target)
         g = target[valid].double()
         p = pred[valid].double()
         diff = (p - g).abs()
