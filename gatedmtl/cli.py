@@ -242,7 +242,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        formatter_class=_HELP,
                        description="Run every row of an experiment (rows whose result JSON exists are skipped, so an "
                                    "interrupted run continues), then write its Markdown/CSV report and plots. "
-                                   "Experiments: " + "; ".join(f"{k}: {v.description}" for k, v in EXPERIMENTS.items()))
+                                   "Experiments: " + " | ".join(f"{k}: {v.description.rstrip('.')}" for k, v in EXPERIMENTS.items()))
     p.add_argument("experiment", choices=sorted(EXPERIMENTS), help="experiment name")
     p.add_argument("--quick", action="store_true", help="the few-minute variant (every row, 2 steps, tiny images)")
     p.add_argument("--models", default=None, help="comma-separated timm backbones (default: the experiment's)")

@@ -285,7 +285,9 @@ def _missing_rows(exp: Mapping[str, Any], entries: Sequence[Mapping[str, Any]]) 
 def _summary_lines(exp: Mapping[str, Any], tables: Mapping[str, Sequence[Mapping[str, Any]]], primary: Mapping[str, str],
                    tasks: Sequence[str], image_prefix: str, with_fidelity: bool) -> list[str]:
     lines = []
-    for model, entries in tables.items():
+    models = [m for m in exp["models"] if m in tables] + [m for m in tables if m not in exp["models"]]
+    for model in models:
+        entries = tables[model]
         if not entries:
             continue
         seeds = max(e["seeds"] for e in entries)
@@ -298,7 +300,10 @@ def _summary_lines(exp: Mapping[str, Any], tables: Mapping[str, Sequence[Mapping
             lines += [f"Not run for {model} (time): " + ", ".join(missing) + ".", ""]
         if with_fidelity:
             lines += ["Budget fidelity (every GatedMTL row):", ""] + _fidelity_table(entries) + [""]
-        for kind, what in (("pareto", "Pareto front"), ("gates", "gate maps"), ("dynamics", "training dynamics")):
+        plots = [("pareto", "Pareto front")]
+        if any(e["family"] == "gated" for e in entries):  # the gate maps and dynamics are of GatedMTL rows
+            plots += [("gates", "gate maps"), ("dynamics", "training dynamics")]
+        for kind, what in plots:
             lines.append(f"![{model} {what}]({image_prefix}{exp['name']}_{model}_{kind}.png)")
         lines.append("")
     return lines
