@@ -141,7 +141,7 @@ def _train(args: argparse.Namespace, explicit: set[str]) -> int:
         for name, desc, opts in balancing.describe():
             print(f"{name:10s} {desc}" + (f"  options: {opts}" if opts else ""))
         return 0
-    from .train import TrainConfig, Trainer, evaluate, init_distributed, resume_config, write_text
+    from .train import TrainConfig, Trainer, init_distributed, resume_config, write_text
 
     if args.resume and args.force:
         raise ValueError("--resume continues a run and --force starts it over: give one of them")

@@ -165,6 +165,12 @@ def _reading(entries: Sequence[Mapping[str, Any]]) -> str:
                      f"{best_g['gflops'] / stl['gflops']:.0%} of STL's)")
         above = [e for e in gated if mtl and e["delta"] > max(m["delta"] for m in mtl)]
         parts.append(f"{len(above)} of {len(gated)} GatedMTL rows beat every hard-sharing row")
+        per_flop = stl["latency_ms"] / stl["gflops"]  # the backbone's time per FLOP (STL runs T backbones)
+        lean = [e for e in gated if e["family"] == "gated"]
+        ratios = [e["latency_ms"] / e["gflops"] / per_flop for e in lean]
+        slower = sum(e["latency_ms"] >= stl["latency_ms"] for e in lean)
+        parts.append(f"lean encoders take {min(ratios):.2f}-{max(ratios):.2f}x the backbone's ORT time per FLOP, and "
+                     f"{slower} of {len(lean)} are as slow as or slower than the {len(stl['metrics'])} separate networks")
         ft = {e["method"].replace(" + fine-tune", ""): e for e in gated if e["family"] == "gated-ft"}
         gains = [ft[e["method"]]["delta"] - e["delta"] for e in gated if e["family"] == "gated" and e["method"] in ft]
         if gains:
