@@ -37,6 +37,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", default="64x96")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; each trains a soft and a hard run")
+    p.add_argument("--mixes", default="soft,hard", help="mixes to train per seed (the table needs soft for the "
+                                                         "'vs soft' column)")
+    p.add_argument("--cache", default=None, help="folder of finished runs (<seed>_<mix>.json): runs found there are "
+                                                  "not trained again, new ones are added (lets runs go in parallel)")
     p.add_argument("--train-stl", action="store_true", help="train the single-task networks here (seed 0)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     a = p.parse_args()
@@ -61,8 +65,17 @@ def main() -> None:
                     "seed 0, same data and schedule)")
     rows, results = [], {}
     tasks = None
+    cache = Path(a.cache) if a.cache else None
     for seed in (int(s) for s in a.seeds.split(",")):
-        for mix in ("soft", "hard"):
+        for mix in [m.strip() for m in a.mixes.split(",") if m.strip()]:
+            cached = cache / f"{seed}_{mix}.json" if cache else None
+            if cached is not None and cached.is_file():
+                entry = json.loads(cached.read_text())
+                results[(seed, mix)], row = entry["results"], entry["row"]
+                rows.append(row)
+                tasks = Trainer(TrainConfig(**base, tasks=TASKS, arch="gated", budget=a.budget,
+                                            out=str(tmp / "tasks"))).tasks
+                continue
             start = time.perf_counter()
             tr = Trainer(TrainConfig(**base, tasks=TASKS, arch="gated", budget=a.budget, mix=mix, seed=seed,
                                      out=str(tmp / f"gated_{mix}_{seed}")))
@@ -88,18 +101,23 @@ def main() -> None:
                              f"{trained['seg']['miou']:.2f} / {trained['depth']['rmse']:.4f} / "
                              f"{trained['normals']['mean_angle']:.2f}"})
             print(rows[-1], flush=True)
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                cached.write_text(json.dumps({"results": res, "row": rows[-1]}, indent=2))
     primary = {t: tasks[t].primary_metric for t in TASKS}
     hib = {t: tasks[t].higher_is_better for t in TASKS}
     for row in rows:
         res = results[(row["seed"], row["mix"])]
         row["ΔMTL % vs STL"] = f"{delta_mtl(res, stl, hib, primary):+.2f}"
-        row["ΔMTL % vs soft (same seed)"] = f"{delta_mtl(res, results[(row['seed'], 'soft')], hib, primary):+.2f}"
+        soft = results.get((row["seed"], "soft"))
+        row["ΔMTL % vs soft (same seed)"] = f"{delta_mtl(res, soft, hib, primary):+.2f}" if soft else "-"
     notes = (f"{a.model} (features_only, random init), {h}x{w} scenes, batch {a.batch}, {steps} steps per run, "
              f"AdamW lr 2e-3 cosine, balance ew, budget {a.budget} of the full 4-branch encoder; each model is "
              "projected onto the budget and pruned before evaluation (the lean model's metrics). ΔMTL: one metric "
              f"per task (mIoU, depth RMSE, normals mean angle), positive = better; STL: {stl_note}. "
              f"Command: python benchmarks/mix_comparison.py --model {a.model} --steps {a.steps} --budget {a.budget} "
-             f"--seeds {a.seeds}" + (" --train-stl" if a.train_stl else "") + ".")
+             f"--seeds {a.seeds}" + (" --train-stl" if a.train_stl else "") + " (the soft and hard runs of a seed "
+             "may run as separate processes with --mixes soft / --mixes hard and a shared --cache).")
     cols = ["seed", "mix", "steps", "seg mIoU", "depth RMSE", "normals mean°", "ΔMTL % vs STL",
             "ΔMTL % vs soft (same seed)", "lean GFLOPs", "open", "cost before projection / budget",
             "gates changed by projection", "lean shared mixes", "trained (before projection) seg / depth / normals",
