@@ -622,6 +622,10 @@ def prune(model: GatedModel, *, streams: bool = True) -> LeanModel:
         lean_model.set_task_networks(_task_networks(backbone, layers, num_tasks))
     if 0 in slots:
         _mark_dead_shared(lean_model, layers)
+    else:  # the shared slot is not computed: no layer's mix is read
+        for layer in layers:
+            if layer.mix in ("mix", "select"):
+                layer.set_dead()
     return lean_model
 
 
