@@ -2,13 +2,14 @@
 
 Trains the gated model twice per seed on the embedded scenes (seg + depth + normals), once with
 ``mix="soft"`` (softmax of the mixing logits) and once with ``mix="hard"`` (their one-hot argmax,
-straight-through), with the settings of ``benchmarks/mtl_comparison.py`` (same seed, data, steps and
-budget), projects each onto the budget, prunes it and evaluates the lean model. ΔMTL (mIoU, depth
-RMSE, normals mean angle) is given against the single-task networks of ``mtl_comparison.json``
-(same settings, seed 0; ``--train-stl`` trains them here instead) and hard against soft.
-Writes ``mix_comparison.md/.csv`` under ``--out``. Usage::
+straight-through), with the same seed, data, steps and budget, projects each onto the budget,
+prunes it and evaluates the lean model. ΔMTL (mIoU, depth RMSE, normals mean angle) is given
+against single-task networks (trained here with ``--train-stl``, or read from ``--stl-json``: a
+JSON file with ``{"results": {"single-task (3 networks)": {task: metrics}}}`` from runs with the
+same settings) and hard against soft. Writes ``mix_comparison.md/.csv`` under ``--out``. Usage::
 
-    python benchmarks/mix_comparison.py [--model resnet18] [--steps 240] [--budget 0.5] [--seeds 0]
+    python benchmarks/mix_comparison.py (--train-stl | --stl-json FILE) [--model resnet18] [--steps 240]
+        [--budget 0.5] [--seeds 0]
 """
 
 from __future__ import annotations
@@ -42,8 +43,11 @@ def main() -> None:
     p.add_argument("--cache", default=None, help="folder of finished runs (<seed>_<mix>.json): runs found there are "
                                                   "not trained again, new ones are added (lets runs go in parallel)")
     p.add_argument("--train-stl", action="store_true", help="train the single-task networks here (seed 0)")
+    p.add_argument("--stl-json", default=None, help="single-task metrics of runs with the same settings (see above)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     a = p.parse_args()
+    if a.train_stl == (a.stl_json is not None):
+        p.error("give one of --train-stl or --stl-json FILE (the single-task reference of the ΔMTL column)")
     torch.set_num_threads(1)
     h, w = (int(v) for v in a.size.split("x"))
     epochs = max(1, a.steps // 48)
@@ -59,10 +63,8 @@ def main() -> None:
             stl[t] = tr.evaluate()[t]
         stl_note = f"single-task networks trained here ({steps} steps, seed 0)"
     else:
-        ref = json.loads((Path(a.out) / "mtl_comparison.json").read_text())
-        stl = ref["results"][STL_KEY]
-        stl_note = ("single-task networks from mtl_comparison.json (benchmarks/mtl_comparison.py, 240 steps, "
-                    "seed 0, same data and schedule)")
+        stl = json.loads(Path(a.stl_json).read_text())["results"][STL_KEY]
+        stl_note = f"single-task metrics read from {Path(a.stl_json).name}"
     rows, results = [], {}
     tasks = None
     cache = Path(a.cache) if a.cache else None
@@ -104,9 +106,11 @@ def main() -> None:
             if cached is not None:
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 cached.write_text(json.dumps({"results": res, "row": rows[-1]}, indent=2))
+    rows.insert(0, {"seed": 0, "mix": "single-task (3 networks)", "steps": steps, "seg mIoU": f"{stl['seg']['miou']:.2f}",
+                    "depth RMSE": f"{stl['depth']['rmse']:.4f}", "normals mean°": f"{stl['normals']['mean_angle']:.2f}"})
     primary = {t: tasks[t].primary_metric for t in TASKS}
     hib = {t: tasks[t].higher_is_better for t in TASKS}
-    for row in rows:
+    for row in rows[1:]:
         res = results[(row["seed"], row["mix"])]
         row["ΔMTL % vs STL"] = f"{delta_mtl(res, stl, hib, primary):+.2f}"
         soft = results.get((row["seed"], "soft"))
@@ -116,7 +120,8 @@ def main() -> None:
              "projected onto the budget and pruned before evaluation (the lean model's metrics). ΔMTL: one metric "
              f"per task (mIoU, depth RMSE, normals mean angle), positive = better; STL: {stl_note}. "
              f"Command: python benchmarks/mix_comparison.py --model {a.model} --steps {a.steps} --budget {a.budget} "
-             f"--seeds {a.seeds}" + (" --train-stl" if a.train_stl else "") + " (the soft and hard runs of a seed "
+             f"--seeds {a.seeds}" + (" --train-stl" if a.train_stl else f" --stl-json {Path(a.stl_json).name}")
+             + " (the soft and hard runs of a seed "
              "may run as separate processes with --mixes soft / --mixes hard and a shared --cache).")
     cols = ["seed", "mix", "steps", "seg mIoU", "depth RMSE", "normals mean°", "ΔMTL % vs STL",
             "ΔMTL % vs soft (same seed)", "lean GFLOPs", "open", "cost before projection / budget",

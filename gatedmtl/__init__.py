@@ -11,12 +11,12 @@ from .prune import LeanModel, prune
 from .surgery import GatedModel, convert, gate_layers
 
 # submodules of the documented API, reachable after a plain ``import gatedmtl``
-from . import balancing, export, profile, train, verify  # noqa: E402
+from . import balancing, bench, export, profile, train, verify  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ChannelGate", "GatedModel", "LeanModel", "UncountedFlopsWarning", "analyze", "convert", "count_flops",
     "count_params", "expected_flops", "flop_bounds", "gate_layers", "measure_flops", "predict_flops", "prune",
-    "__version__", "balancing", "export", "profile", "train", "verify",
+    "__version__", "balancing", "bench", "export", "profile", "train", "verify",
 ]

@@ -239,6 +239,46 @@ def _finetune(args: argparse.Namespace, explicit: set[str]) -> int:
     return 0
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from .bench import EXPERIMENTS
+
+    p = sub.add_parser("bench", help="run a results experiment (STL vs MTL + balancing vs GatedMTL) and report it",
+                       formatter_class=_HELP,
+                       description="Run every row of an experiment (rows whose result JSON exists are skipped, so an "
+                                   "interrupted run continues), then write its Markdown/CSV report and plots. "
+                                   "Experiments: " + "; ".join(f"{k}: {v.description}" for k, v in EXPERIMENTS.items()))
+    p.add_argument("experiment", choices=sorted(EXPERIMENTS), help="experiment name")
+    p.add_argument("--quick", action="store_true", help="the few-minute variant (every row, 2 steps, tiny images)")
+    p.add_argument("--models", default=None, help="comma-separated timm backbones (default: the experiment's)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the experiment's)")
+    p.add_argument("--rows", default=None, help="only rows whose id starts with one of these, e.g. stl,mtl-ew,gated-ew")
+    p.add_argument("--data-root", default=None, help="data folder (nyuv2, cityscapes)")
+    p.add_argument("--results", default="benchmarks/results/bench", help="where the result JSONs go")
+    p.add_argument("--report-dir", default="benchmarks/results", help="where the report and plots go")
+    p.add_argument("--work", default="runs/bench", help="scratch folder of the training runs (removed per row)")
+    p.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads")
+    p.add_argument("--force", action="store_true", help="rerun rows whose results exist")
+    p.add_argument("--report-only", action="store_true", help="only write the report from the existing results")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _bench(args: argparse.Namespace, explicit: set[str]) -> int:
+    from .bench import get_experiment, run_experiment, write_report
+
+    exp = get_experiment(args.experiment, quick=args.quick)
+    folder = Path(args.results) / exp.name
+    if not args.report_only:
+        split = lambda text: [v.strip() for v in text.split(",") if v.strip()] if text else None  # noqa: E731
+        seeds = [int(s) for s in split(args.seeds)] if args.seeds else None
+        folder = run_experiment(exp, args.results, models=split(args.models), seeds=seeds, rows=split(args.rows),
+                                work=args.work, data_root=args.data_root, threads=args.threads, force=args.force,
+                                progress=not args.no_progress)
+    path = write_report(folder, args.report_dir)
+    print(f"wrote {path}")
+    return 0
+
+
 def _prune(args: argparse.Namespace, explicit: set[str]) -> int:
     from .train import prune_checkpoint
 
@@ -338,13 +378,13 @@ def _verify(args: argparse.Namespace, explicit: set[str]) -> int:
     return 0 if report.ok else 1
 
 
-_HANDLERS = {"train": _train, "finetune": _finetune, "prune": _prune, "export": _export, "eval": _eval, "verify": _verify}
+_HANDLERS = {"train": _train, "finetune": _finetune, "bench": _bench, "prune": _prune, "export": _export, "eval": _eval, "verify": _verify}
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(prog="gatedmtl", description="Gated multi-task networks for the edge. " + _FLOPS + ".")
     sub = parser.add_subparsers(dest="command", required=True)
-    subs = {"train": _add_train(sub), "finetune": _add_finetune(sub)}
+    subs = {"train": _add_train(sub), "finetune": _add_finetune(sub), "bench": _add_bench(sub)}
     p = subs["prune"] = sub.add_parser("prune", help="project a gated checkpoint onto its budget and prune it",
                                        formatter_class=_HELP)
     p.add_argument("checkpoint", help="gated training checkpoint (last.safetensors of a run)")

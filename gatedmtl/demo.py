@@ -4,7 +4,7 @@ convert resnet18 for seg + depth + normals -> train at a FLOP budget -> project 
 profile (plain / gated / lean FLOPs, requested vs landed budget) -> export ONNX (checked with
 ONNX Runtime) -> per-task metrics and ΔMTL of the lean model against the dense gated one.
 
-    python -m gatedmtl.demo [--model resnet18] [--budget 0.5] [--epochs 6] [--out runs/demo]
+    python -m gatedmtl.demo [--model resnet18] [--budget 0.5] [--epochs 6] [--finetune-epochs 0] [--out runs/demo]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .profile import onnx_kernel_time, onnx_latency
 from .slots import SlotModule
 from .surgery import GatedModel
 from .tasks import delta_mtl
-from .train import RUN_FILES, TrainConfig, Trainer, evaluate
+from .train import RUN_FILES, TrainConfig, Trainer, evaluate, finetune_config, save_lean
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", default="64x96")
     p.add_argument("--train-length", type=int, default=384)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--finetune-epochs", type=int, default=0,
+                   help="also fine-tune the pruned network for this many epochs (gatedmtl finetune) before export")
     p.add_argument("--out", default="runs/demo", help="output folder (an earlier demo's files in it are replaced)")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -78,6 +80,16 @@ def main(argv: list[str] | None = None) -> int:
             ["budget requested", f"{report['requested'] / 1e9:.4f}", ""]]
     print(_table(rows))
     print(f"      landed {report['error']:+.3%} from the requested budget")
+    tuned_metrics = None
+    if args.finetune_epochs > 0:
+        lean_path = save_lean(out / "lean.safetensors", lean, trainer.net, trainer.meta(), report)
+        print(f"[3b/5] fine-tune the lean network {args.finetune_epochs} epoch(s) at a tenth of the lr "
+              f"(gatedmtl finetune {lean_path} --out {out / 'finetune'})")
+        tuner = Trainer(finetune_config(lean_path, {"epochs": args.finetune_epochs, "out": str(out / "finetune")}),
+                        force=True, datasets=(trainer.train_set, trainer.val_set))
+        tuner.fit()
+        lean = tuner.net.eval()
+        tuned_metrics = tuner.evaluate()
 
     print("[4/5] export the lean network to ONNX and check it with ONNX Runtime")
     onnx_path = out / "lean.onnx"
@@ -104,14 +116,19 @@ def main(argv: list[str] | None = None) -> int:
     print("[5/5] metrics on the validation scenes (dense gated vs lean)")
     primary = {t: trainer.tasks[t].primary_metric for t in config.tasks}
     hib = {t: trainer.tasks[t].higher_is_better for t in config.tasks}
-    rows = [["task", "metric", "dense gated", "lean"]]
+    rows = [["task", "metric", "dense gated", "lean"] + (["lean fine-tuned"] if tuned_metrics else [])]
     for t in config.tasks:
         for m in (primary[t],):
-            rows.append([t, m, f"{dense_metrics[t][m]:.4f}", f"{lean_metrics[t][m]:.4f}"])
+            rows.append([t, m, f"{dense_metrics[t][m]:.4f}", f"{lean_metrics[t][m]:.4f}"]
+                        + ([f"{tuned_metrics[t][m]:.4f}"] if tuned_metrics else []))
     print(_table(rows))
     dm = delta_mtl(lean_metrics, dense_metrics, hib, primary)
     print(f"      ΔMTL of the lean model vs the dense gated model (one metric per task): {dm:+.2f} %")
+    if tuned_metrics:
+        dm_tuned = delta_mtl(tuned_metrics, dense_metrics, hib, primary)
+        print(f"      ΔMTL of the fine-tuned lean model vs the dense gated model: {dm_tuned:+.2f} %")
     summary = {"budget": report, "dense": dense_metrics, "lean": lean_metrics, "delta_mtl_vs_dense": dm,
+               "lean_finetuned": tuned_metrics,
                "onnx": {"path": str(onnx_path), "max_rel_error": worst, "ort_median_ms": wall["lean"],
                         "hard_sharing_ort_median_ms": wall["hard_sharing"],
                         "separate_ort_median_ms": wall["separate"],
@@ -124,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 DEMO_FILES = (*RUN_FILES, "demo.json", "lean.onnx", "lean.onnx.data", "hard_sharing.onnx", "hard_sharing.onnx.data",
-              "separate.onnx", "separate.onnx.data")
+              "separate.onnx", "separate.onnx.data", "lean.safetensors")
+DEMO_FOLDERS = ("finetune",)  # the fine-tuning run (its RUN_FILES)
 
 
 def _clear_demo_folder(out: Path) -> None:
@@ -133,13 +151,21 @@ def _clear_demo_folder(out: Path) -> None:
         return
     if not out.is_dir():
         raise SystemExit(f"error: --out {out} is a file, not a folder")
-    foreign = [p.name for p in out.iterdir() if p.name not in DEMO_FILES and not p.name.startswith(".")]
+    foreign = [p.name for p in out.iterdir() if p.name not in DEMO_FILES + DEMO_FOLDERS and not p.name.startswith(".")]
+    for folder in DEMO_FOLDERS:
+        if (out / folder).exists():
+            foreign += [f"{folder}/{p.name}" for p in (out / folder).iterdir()
+                        if p.name not in RUN_FILES and not p.name.startswith(".")]
     if foreign:
         raise SystemExit(f"error: {out} holds files that the demo did not write ({', '.join(sorted(foreign)[:5])}); "
                          "give another --out")
     for name in DEMO_FILES:
         if (out / name).is_file():
             (out / name).unlink()
+    for folder in DEMO_FOLDERS:
+        for name in RUN_FILES:
+            if (out / folder / name).is_file():
+                (out / folder / name).unlink()
 
 
 class SeparateNetworks(torch.nn.Module):

@@ -62,7 +62,7 @@ from .slots import SlotModule, is_slot_unit
 from .surgery import GatedModel, gateable
 
 __all__ = ["Profile", "SlotStats", "LayerStats", "UngatedLayer", "SharedModule", "Latency", "KernelTime", "onnx_latency",
-           "onnx_kernel_time", "ort_session", "profile", "compare", "measure_latency", "main"]
+           "onnx_kernel_time", "ort_session", "profile", "compare", "measure_latency", "measure_timing", "main"]
 
 CONVENTION = ("FLOPs are fvcore's: one multiply-add = 1 FLOP (timm and most papers call these MACs; "
               "torch.utils.flop_counter reports 2 per multiply-add)")
@@ -328,19 +328,35 @@ class _DictOutput(nn.Module):
         return out if isinstance(out, dict) else {"out": out}
 
 
+def _export_for_timing(model: nn.Module, path: Path, shape: tuple[int, ...]) -> None:
+    from .export import export_onnx
+
+    wrapped = model if isinstance(model, LeanModel) else _DictOutput(model)
+    with warnings.catch_warnings():  # tracer chatter from backbone code, not actionable here
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        export_onnx(wrapped, path, shape, check=False)
+
+
 def measure_latency(model: nn.Module, input_shape: Sequence[int], *, threads: int = 1, runs: int = 20,
                     warmup: int = 3) -> Latency:
     """Export ``model`` (a plain backbone or a lean model) to a temporary ONNX file and time it with ORT."""
-    from .export import export_onnx
-
     shape = _check_shape(input_shape)
-    wrapped = model if isinstance(model, LeanModel) else _DictOutput(model)
     with tempfile.TemporaryDirectory(prefix="gatedmtl-profile-") as tmp:
         path = Path(tmp) / "model.onnx"
-        with warnings.catch_warnings():  # tracer chatter from backbone code, not actionable here
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            export_onnx(wrapped, path, shape, check=False)
+        _export_for_timing(model, path, shape)
         return onnx_latency(path, shape, threads=threads, runs=runs, warmup=warmup)
+
+
+def measure_timing(model: nn.Module, input_shape: Sequence[int], *, threads: int = 1, runs: int = 10,
+                   warmup: int = 3) -> tuple[Latency, KernelTime]:
+    """Both ORT timings of ``model`` (a plain backbone or a lean model) from one export: the wall-clock /
+    thread-CPU :class:`Latency` and the load-insensitive per-node minimum :class:`KernelTime`."""
+    shape = _check_shape(input_shape)
+    with tempfile.TemporaryDirectory(prefix="gatedmtl-profile-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        _export_for_timing(model, path, shape)
+        return (onnx_latency(path, shape, threads=threads, runs=runs, warmup=warmup),
+                onnx_kernel_time(path, shape, threads=threads, runs=runs, warmup=warmup))
 
 
 def ort_session(path: str | Path, threads: int = 1, *, level: str = "all", profile_prefix: str | None = None):

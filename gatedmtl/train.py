@@ -46,7 +46,7 @@ from .parallel import unreached_parameters
 from .surgery import GatedModel
 
 __all__ = ["TrainConfig", "Trainer", "evaluate", "NonFiniteLossError", "load_network", "prune_checkpoint", "ProjectionWarning",
-           "init_distributed", "finalize", "resume_config", "finetune_config", "RESUME_OVERRIDES", "FINETUNE_OPTIONS",
+           "init_distributed", "finalize", "save_lean", "resume_config", "finetune_config", "RESUME_OVERRIDES", "FINETUNE_OPTIONS",
            "RUN_FILES"]
 
 RUN_FILES = ("last.safetensors", "prev.safetensors", "last.json", "log.jsonl", "summary.json")
@@ -200,17 +200,25 @@ def resume_config(out: str | Path, overrides: Mapping[str, Any] | None = None) -
     saved = read_meta(path).get("config")
     if not isinstance(saved, Mapping):
         raise CheckpointError(f"{path} is not a gatedmtl training checkpoint")
-    data = dict(saved)
-    for key, value in (overrides or {}).items():
-        value = json.loads(json.dumps(value))
-        if key in RESUME_OVERRIDES:
-            data[key] = value
-        elif key in data and data[key] != value:
-            raise ValueError(f"the run in {out} was trained with {key}={data[key]!r}, not {value!r}: a resumed run keeps "
-                             f"its settings (only {', '.join(RESUME_OVERRIDES)} may change); drop the flag or start "
-                             "a new run with another --out")
+    data = _override(dict(saved), overrides, RESUME_OVERRIDES,
+                     lambda key, old, new: f"the run in {out} was trained with {key}={old!r}, not {new!r}: a resumed run "
+                     f"keeps its settings (only {', '.join(RESUME_OVERRIDES)} may change); drop the flag or start a new "
+                     "run with another --out")
     data["out"] = str(out)
     return TrainConfig.from_json(data)
+
+
+def _override(data: dict[str, Any], overrides: Mapping[str, Any] | None, allowed: Sequence[str],
+              refusal: Callable[[str, Any, Any], str]) -> dict[str, Any]:
+    """``data`` with ``overrides`` of the ``allowed`` keys; any other override that differs raises
+    ``ValueError(refusal(key, saved, given))`` (an override equal to the saved value is fine)."""
+    for key, value in (overrides or {}).items():
+        value = json.loads(json.dumps(value))
+        if key in allowed:
+            data[key] = value
+        elif key in data and data[key] != value:
+            raise ValueError(refusal(key, data[key], value))
+    return data
 
 
 def finetune_config(lean: str | Path, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
@@ -227,13 +235,9 @@ def finetune_config(lean: str | Path, overrides: Mapping[str, Any] | None = None
     data = dict(meta["config"])
     data["lr"] = float(data.get("lr", 1e-3)) * 0.1
     data["finetune"] = str(path)
-    for key, value in (overrides or {}).items():
-        value = json.loads(json.dumps(value))
-        if key in FINETUNE_OPTIONS:
-            data[key] = value
-        elif key in data and data[key] != value:
-            raise ValueError(f"{path} was trained with {key}={data[key]!r}; fine-tuning keeps the network and its "
-                             f"data (only {', '.join(FINETUNE_OPTIONS)} may change)")
+    data = _override(data, overrides, FINETUNE_OPTIONS,
+                     lambda key, old, new: f"{path} was trained with {key}={old!r}; fine-tuning keeps the network and "
+                     f"its data (only {', '.join(FINETUNE_OPTIONS)} may change)")
     return TrainConfig.from_json(data)
 
 
@@ -582,8 +586,8 @@ class Trainer:
             for p, g in zip(params, torch.autograd.grad(reg, params, allow_unused=True)):
                 if g is not None:
                     p.grad = g if p.grad is None else p.grad + g
-        if self.config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.grad_clip)
+        # the norm of the whole gradient before clipping (logged; max_norm=inf measures without clipping)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.grad_clip or math.inf)
         self.optimizer.step()
 
         def recompute() -> dict[str, Tensor]:
@@ -596,7 +600,7 @@ class Trainer:
             average_running_stats(self.net)
         self.step += 1
         record = {"step": self.step, "epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
-                  "loss": {t: v.item() for t, v in losses.items()}, "weights": weights}
+                  "loss": {t: v.item() for t, v in losses.items()}, "weights": weights, "grad_norm": float(grad_norm)}
         if self.gated:
             masks = [g.open_mask() for g in self.net.encoder.gates()]
             record["density"] = float(sum(m.sum() for m in masks) / sum(m.numel() for m in masks))
@@ -806,12 +810,21 @@ def prune_checkpoint(path: str | Path, out: str | Path, budget: str | None = Non
     spec = budget if budget is not None else meta["config"].get("budget")
     budget_flops = resolve_budget(net.encoder, spec, (1, *size)) if spec is not None else None
     lean, report = finalize(net, budget_flops, size, progress=progress)
+    save_lean(out, lean, net, meta, report)
+    return report
+
+
+def save_lean(path: str | Path, lean: MultiTaskNet, gated: MultiTaskNet, meta: Mapping[str, Any],
+              report: Mapping[str, Any]) -> Path:
+    """Write the lean checkpoint of ``lean`` = ``finalize(gated)``: its weights, the gate masks of ``gated``
+    and the training run's ``meta`` (``Trainer.meta()`` or a training checkpoint's), ``report`` as ``flops``."""
+    if not isinstance(gated.encoder, GatedModel):
+        raise TypeError("gated must be the gated network that lean was pruned from")
     tensors = {f"model.{k}": v for k, v in lean.state_dict().items()}
-    for gate in net.encoder.gates():
+    for gate in gated.encoder.gates():
         tensors[f"mask.{gate.name}"] = gate.open_mask().to(torch.uint8)
         if gate.mix_mode == "hard":  # the task the shared slot reads per channel (it fixes the lean layout)
             tensors[f"mix.{gate.name}"] = gate.mix_choice().to(torch.int32)
-    lean_meta = dict(meta) | {"kind": "lean", "flops": report}
+    lean_meta = dict(meta) | {"kind": "lean", "flops": dict(report)}
     lean_meta.pop("history", None)
-    save_checkpoint(out, tensors, lean_meta)
-    return report
+    return save_checkpoint(path, tensors, lean_meta)

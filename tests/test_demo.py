@@ -44,3 +44,25 @@ def test_separate_networks_run_each_task_head_on_its_own_branch():
         for t in ("a", "b"):
             torch.testing.assert_close(got[t], heads[t](feats[t]), rtol=1e-5, atol=1e-5)
     assert set(got) == {"a", "b"}
+
+
+def test_demo_with_finetuning_runs_end_to_end_and_reruns_in_its_folder(tmp_path, capsys):
+    import json
+
+    import pytest
+
+    from gatedmtl.demo import main
+
+    args = ["--epochs", "1", "--image-size", "32x32", "--train-length", "16", "--batch-size", "4",
+            "--finetune-epochs", "1", "--out", str(tmp_path / "demo")]
+    with pytest.warns(UserWarning):  # a one-epoch run ends far from the budget (ProjectionWarning)
+        assert main(args) == 0
+    summary = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert set(summary["lean_finetuned"]) == {"seg", "depth", "normals"}
+    assert (tmp_path / "demo" / "finetune" / "last.safetensors").is_file()
+    assert "fine-tuned lean model" in capsys.readouterr().out
+    with pytest.warns(UserWarning):
+        assert main(args) == 0  # an earlier demo's files (fine-tuning run included) are replaced
+    (tmp_path / "demo" / "finetune" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="finetune/notes.txt"):
+        main(args)

@@ -13,16 +13,7 @@ from gatedmtl.cli import main
 from gatedmtl.cost import count_flops
 from gatedmtl.prune import LeanModel
 from gatedmtl.train import finetune_config, load_network
-
-TASKS = "normals,seg,depth"
-TINY = ["--model", "resnet18", "--tasks", TASKS, "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2",
-        "--image-size", "32x48", "--train-length", "8", "--val-length", "4", "--lr", "0.02", "--no-progress"]
-
-
-def _run(capsys, *args: object) -> tuple[int, str, str]:
-    rc = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
+from test_cli_roundtrip import TASKS, TINY, _run
 
 
 @pytest.fixture(scope="module")
