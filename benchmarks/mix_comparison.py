@@ -33,7 +33,7 @@ STL_KEY = "single-task (3 networks)"
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="resnet18")
-    p.add_argument("--steps", type=int, default=240, help="steps per run (mtl_comparison.md used 240)")
+    p.add_argument("--steps", type=int, default=240, help="steps per run (the STL reference in results/mix_comparison_stl.json used 240)")
     p.add_argument("--budget", default="0.5")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", default="64x96")
