@@ -30,11 +30,16 @@ Targets: per FLOP <= 1.15 (1.3 for mobilenetv3) at densities 0.25/0.5/0.75 and t
 lean model below all-open faster than T separate networks; all closed <= 1.05x the backbone;
 all open <= 1.05x T separate networks.
 
-Writes ``latency[_group<N>][_<level>].md/.csv/.png`` under ``--out`` (``latency.*`` for the default
-``--gate-group 16``). Usage::
+With ``--mix hard`` the gated models use the hard (one-hot, straight-through) shared mix, random and
+trained alike: the lean shared slot then takes one channel gather instead of a Mul/Add chain.
+``--mix soft,hard`` times both in one run (same weights and gates, only the mix differs).
+
+Writes ``latency[_group<N>][_<level>][_hardmix|_mixes].md/.csv/.png`` under ``--out`` (``latency.*``
+for the default ``--gate-group 16``, soft mix). Usage::
 
     python benchmarks/latency.py [--models resnet18,hrnet_w18_small_v2,mobilenetv3_large_100]
-        [--gate-group 16] [--size 224x224] [--runs 20] [--no-train] [--train-steps 25]
+        [--gate-group 16] [--mix soft|hard|soft,hard] [--size 224x224] [--runs 20] [--no-train]
+        [--train-steps 25]
 """
 
 from __future__ import annotations
@@ -91,6 +96,7 @@ class Row:
     model: str
     input: str
     kind: str  # BACKBONE, SEPARATE, "random", "trained"
+    mix: str  # "-" (plain), "soft", "hard": the gated model's shared mix
     density: str  # "-", "closed", "0.25", ..., "open", "trained"
     open_fraction: float  # fraction of task channels open (random: the drawn gates; trained: after projection)
     slots: str
@@ -168,6 +174,32 @@ def _time(paths: dict[str, Path], shape: tuple[int, ...], runs: int, warmup: int
     return {k: (np.asarray(wall[k][:runs]) * 1e3, np.asarray(cpu[k][:runs]) * 1e3) for k in sessions}
 
 
+def _kernel_times(files: dict[str, Path], shape: tuple[int, ...], runs: int, threads: int, level: str, rounds: int,
+                  seed: int) -> dict[str, KernelTime]:
+    """:func:`onnx_kernel_time` of every file; with ``rounds > 1`` interleaved.
+
+    Each round profiles every file (shuffled order) for ``runs // rounds`` runs; per file and op
+    type the fastest round is kept, so a burst of load from other processes that hits one file's
+    profile is not read as that file being slower.
+    """
+    if rounds <= 1:
+        return {k: onnx_kernel_time(p, shape, threads=threads, runs=runs, level=level) for k, p in files.items()}
+    best: dict[str, KernelTime] = {}
+    order = list(files)
+    rng = random.Random(seed)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for k in order:
+            kt = onnx_kernel_time(files[k], shape, threads=threads, runs=max(1, runs // rounds), level=level)
+            if k not in best:
+                best[k] = kt
+                continue
+            by_op = {op: min(ms, best[k].by_op.get(op, ms)) for op, ms in kt.by_op.items()}
+            best[k] = KernelTime(total_ms=sum(by_op.values()), by_op=by_op, nodes_by_op=kt.nodes_by_op,
+                                 runs=best[k].runs + kt.runs, threads=threads)
+    return best
+
+
 def _groups(kernel: KernelTime) -> dict[str, float]:
     totals = dict.fromkeys(GROUP_NAMES, 0.0)
     for op, ms in kernel.by_op.items():
@@ -191,13 +223,13 @@ def _graph(lean: gatedmtl.LeanModel) -> str:
 
 
 def train_gates(name: str, tasks: tuple[str, ...], group: int, steps: int, epochs: int, seed: int, tmp: Path,
-                log) -> tuple[dict[str, torch.Tensor], tuple[str, ...], dict]:
+                log, mix: str = "soft") -> tuple[dict[str, torch.Tensor], tuple[str, ...], dict]:
     """A short training run at budget 0.5 (embedded scenes, 64x96); the projected encoder's state dict."""
     from gatedmtl.train import TrainConfig, Trainer
 
     config = TrainConfig(model=name, tasks=("seg", "depth", "normals")[: len(tasks)], image_size=(64, 96),
                          train_length=steps * 8, val_length=8, budget="0.5", epochs=epochs, steps_per_epoch=steps,
-                         batch_size=8, lr=2e-3, gate_lr=0.05, gate_group=group, seed=seed,
+                         batch_size=8, lr=2e-3, gate_lr=0.05, gate_group=group, mix=mix, seed=seed,
                          out=str(tmp / f"train-{name}"), device="cpu", progress=False)
     t0 = time.perf_counter()
     trainer = Trainer(config)
@@ -222,7 +254,7 @@ def bench_model(name: str, size: tuple[int, int], tasks: tuple[str, ...], densit
     info: dict[str, dict] = {}
     t0 = time.perf_counter()
     files[BACKBONE] = export_onnx(_Plain(backbone), tmp / f"{name}-plain.onnx", shape, check=False).path
-    info[BACKBONE] = dict(kind=BACKBONE, density="-", open_fraction=float("nan"), slots="-", graph="plain",
+    info[BACKBONE] = dict(kind=BACKBONE, density="-", mix="-", open_fraction=float("nan"), slots="-", graph="plain",
                           flops=gatedmtl.count_flops(backbone, shape), export_s=time.perf_counter() - t0, parity=0.0)
     copies = []
     for i in range(len(tasks)):  # own (different) weights: identical ones could be merged by the exporter
@@ -230,33 +262,37 @@ def bench_model(name: str, size: tuple[int, int], tasks: tuple[str, ...], densit
         copies.append(build_backbone(name).eval())
     t0 = time.perf_counter()
     files[SEPARATE] = export_onnx(_Separate(copies, tasks), tmp / f"{name}-separate.onnx", shape, check=False).path
-    info[SEPARATE] = dict(kind=SEPARATE, density="-", open_fraction=float("nan"), slots="-",
+    info[SEPARATE] = dict(kind=SEPARATE, density="-", mix="-", open_fraction=float("nan"), slots="-",
                           graph=f"{len(tasks)} plain backbones in one graph",
                           flops=len(tasks) * info[BACKBONE]["flops"], export_s=time.perf_counter() - t0, parity=0.0)
 
-    model = gatedmtl.convert(backbone, tasks, input_size=shape[1:], gate_group=group).eval()
-    perturb_slots(model, generator=torch.Generator().manual_seed(args.seed))
-    variants: list[tuple[str, str, gatedmtl.GatedModel]] = [("random", d, model) for d in densities]
+    variants: list[tuple[str, str, str, gatedmtl.GatedModel]] = []
     train_report = None
-    if not args.no_train:
-        state, trained_tasks, train_report = train_gates(name, tasks, group, args.train_steps, args.train_epochs,
-                                                         args.seed, tmp, log)
-        fresh = gatedmtl.convert(build_backbone(name), trained_tasks, input_size=shape[1:], gate_group=group).eval()
+    for mix in args.mixes:  # the same weights (perturbation seed) and gates (set_gates seed) for every mix
+        model = gatedmtl.convert(backbone, tasks, input_size=shape[1:], gate_group=group, mix=mix).eval()
+        perturb_slots(model, generator=torch.Generator().manual_seed(args.seed))
+        variants += [("random", d, mix, model) for d in densities]
+    for mix in [] if args.no_train else args.mixes:
+        state, trained_tasks, report = train_gates(name, tasks, group, args.train_steps, args.train_epochs,
+                                                   args.seed, tmp, log, mix)
+        train_report = (train_report or {}) | {mix: report}
+        fresh = gatedmtl.convert(build_backbone(name), trained_tasks, input_size=shape[1:], gate_group=group,
+                                 mix=mix).eval()
         trained_gates = set(k for k in state if k.endswith((".gate.alpha", ".gate.beta")))
         fresh_gates = set(k for k in fresh.state_dict() if k.endswith((".gate.alpha", ".gate.beta")))
         if trained_gates != fresh_gates:
             raise RuntimeError(f"{name}: the gates converted at {size} differ from the trained ones at 64x96")
         fresh.load_state_dict(state)  # weights and gate logits (alpha, beta) per gate name
-        variants.append(("trained", "trained", fresh))
-    for kind, d, gated in variants:
+        variants.append(("trained", "trained", mix, fresh))
+    for kind, d, mix, gated in variants:
         if kind == "random":
             set_gates(gated, d if d in ("open", "closed") else float(d), torch.Generator().manual_seed(args.seed + 1))
-        key = f"{kind} {d}"
+        key = f"{kind} {d} {mix}"
         lean = gatedmtl.prune(gated).eval()
         t0 = time.perf_counter()
-        report = export_onnx(lean, tmp / f"{name}-{kind}-{d}.onnx", shape)  # checked against torch in ORT (1e-4)
+        report = export_onnx(lean, tmp / f"{name}-{kind}-{d}-{mix}.onnx", shape)  # checked in ORT (1e-4)
         files[key] = report.path
-        info[key] = dict(kind=kind, density=d, open_fraction=_open_fraction(gated),
+        info[key] = dict(kind=kind, density=d, mix=mix, open_fraction=_open_fraction(gated),
                          slots="+".join((["shared", *gated.tasks])[s] for s in lean.slots), graph=_graph(lean),
                          flops=gatedmtl.count_flops(lean, shape), export_s=time.perf_counter() - t0,
                          parity=max(report.max_rel_error.values()))
@@ -264,12 +300,11 @@ def bench_model(name: str, size: tuple[int, int], tasks: tuple[str, ...], densit
             f"{info[key]['export_s']:.0f} s, ORT parity {info[key]['parity']:.1e}")
 
     times = _time(files, shape, args.runs, args.warmup, args.seed, 1, args.opt_level)
-    kernel = {k: onnx_kernel_time(p, shape, threads=1, runs=args.prof_runs, level=args.opt_level)
-              for k, p in files.items()}
+    kernel = _kernel_times(files, shape, args.prof_runs, 1, args.opt_level, args.prof_rounds, args.seed)
     if args.multi_threads:
         times4 = _time(files, shape, args.runs4, args.warmup, args.seed, args.multi_threads, args.opt_level)
-        kernel4 = {k: onnx_kernel_time(p, shape, threads=args.multi_threads, runs=args.prof_runs, level=args.opt_level)
-                   for k, p in files.items()}
+        kernel4 = _kernel_times(files, shape, args.prof_runs, args.multi_threads, args.opt_level, args.prof_rounds,
+                                args.seed)
     base, sep = kernel[BACKBONE].total_ms, kernel[SEPARATE].total_ms
     base_cpu, base_wall = float(np.median(times[BACKBONE][1])), float(np.median(times[BACKBONE][0]))
     rows = []
@@ -281,7 +316,7 @@ def bench_model(name: str, size: tuple[int, int], tasks: tuple[str, ...], densit
         k4 = kernel4[k].total_ms if args.multi_threads else float("nan")
         w4 = float(np.median(times4[k][0])) if args.multi_threads else float("nan")
         l4 = k4 / kernel4[BACKBONE].total_ms if args.multi_threads else float("nan")
-        rows.append(Row(model=name, input="x".join(map(str, shape)), kind=i["kind"], density=i["density"],
+        rows.append(Row(model=name, input="x".join(map(str, shape)), kind=i["kind"], mix=i["mix"], density=i["density"],
                         open_fraction=round(i["open_fraction"], 4), slots=i["slots"], graph=i["graph"],
                         flops=i["flops"], flop_ratio=round(fr, 4), kernel_ms=round(kernel[k].total_ms, 3),
                         cpu_ms=round(float(np.median(cpu)), 3), wall_ms=round(float(np.median(wall)), 3),
@@ -314,7 +349,8 @@ def target(r: Row) -> str:
 def label(r: Row) -> str:
     if r.kind in (BACKBONE, SEPARATE):
         return r.kind
-    return "trained (budget 0.5)" if r.kind == "trained" else f"random {r.density}"
+    hard = ", hard mix" if r.mix == "hard" else ""
+    return f"trained (budget 0.5{hard})" if r.kind == "trained" else f"random {r.density}{hard}"
 
 
 def _fmt(v: float, spec: str = ".2f") -> str:
@@ -373,7 +409,8 @@ def write_results(rows: list[Row], out: Path, meta: dict[str, str], trained: dic
         for m in models:
             mine = [r for r in per if r.model == m]
             if mine:
-                lines.append(f"  - {m}: per FLOP " + ", ".join(f"{r.density if r.kind == 'random' else 'trained'} "
+                lines.append(f"  - {m}: per FLOP " + ", ".join(f"{r.density if r.kind == 'random' else 'trained'}"
+                                                                f"{' hard' if r.mix == 'hard' else ''} "
                                                                 f"{r.per_flop:.2f}" for r in mine)
                              + f" (by CPU time " + ", ".join(f"{r.cpu_per_flop:.2f}" for r in mine) + ").")
     if below_open:
@@ -397,12 +434,14 @@ def write_results(rows: list[Row], out: Path, meta: dict[str, str], trained: dic
                      "`per FLOP (CPU)` there.")
     if trained:
         lines += ["", "## Trained gates", "",
-                  "| model | steps | train s | FLOPs before projection / budget | gates changed by the projection | "
-                  "open after projection | landed / budget (64x96) |", "|---|---:|---:|---:|---:|---:|---:|"]
-        for m, t in trained.items():
-            lines.append(f"| {m} | {t['steps']} | {t['train_s']:.0f} | {t['before_projection'] / t['requested']:.2f} | "
-                         f"{t['changed_gates']} of {t['gates']} ({100 * t['changed_gates'] / t['gates']:.0f} %) | "
-                         f"{t['open_fraction']:.2f} | {t['landed'] / t['requested']:.3f} |")
+                  "| model | mix | steps | train s | FLOPs before projection / budget | gates changed by the projection | "
+                  "open after projection | landed / budget (64x96) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for m, per_mix in trained.items():
+            for mix, t in per_mix.items():
+                lines.append(f"| {m} | {mix} | {t['steps']} | {t['train_s']:.0f} | "
+                             f"{t['before_projection'] / t['requested']:.2f} | {t['changed_gates']} of {t['gates']} "
+                             f"({100 * t['changed_gates'] / t['gates']:.0f} %) | {t['open_fraction']:.2f} | "
+                             f"{t['landed'] / t['requested']:.3f} |")
 
     lines += ["", "## How the lean models run", "", "| model | row | slots | graph | nodes | export s | ORT parity |",
               "|---|---|---|---|---:|---:|---:|"]
@@ -450,14 +489,17 @@ def _plot(rows: list[Row], path: Path, meta: dict[str, str]) -> None:
         ax.plot(xs, slope * xs, color="0.5", lw=1, label="FLOP-proportional (through the backbone)")
         ax.plot(xs, target_per_flop(model) * slope * xs, color="0.5", lw=1, ls="--",
                 label=f"target {target_per_flop(model)} x")
-        rnd = [r for r in mine if r.kind == "random"]
-        ax.plot([r.flops / 1e9 for r in rnd], [r.kernel_ms for r in rnd], "o-", color="C0", label="lean, random gates")
-        for r in rnd:
-            ax.annotate(r.density, (r.flops / 1e9, r.kernel_ms), textcoords="offset points", xytext=(4, -10),
-                        fontsize=7, color="C0")
+        for j, mix in enumerate(dict.fromkeys(r.mix for r in mine if r.kind == "random")):
+            rnd = [r for r in mine if r.kind == "random" and r.mix == mix]
+            ax.plot([r.flops / 1e9 for r in rnd], [r.kernel_ms for r in rnd], "o-" if mix == "soft" else "s--",
+                    color=f"C{j}", label=f"lean, random gates, {mix} mix")
+            for r in rnd:
+                ax.annotate(r.density, (r.flops / 1e9, r.kernel_ms), textcoords="offset points", xytext=(4, -10),
+                            fontsize=7, color=f"C{j}")
         for r in mine:
             if r.kind == "trained":
-                ax.plot([r.flops / 1e9], [r.kernel_ms], "D", color="C3", ms=8, label="lean, trained gates (budget 0.5)")
+                ax.plot([r.flops / 1e9], [r.kernel_ms], "D" if r.mix == "soft" else "P", color="C3", ms=8,
+                        label=f"lean, trained gates (budget 0.5, {r.mix} mix)")
             elif r.kind == BACKBONE:
                 ax.plot([r.flops / 1e9], [r.kernel_ms], "k*", ms=13, label=BACKBONE)
             elif r.kind == SEPARATE:
@@ -469,11 +511,16 @@ def _plot(rows: list[Row], path: Path, meta: dict[str, str]) -> None:
         ax.set_title(f"{model}, {mine[0].input}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left")
-    fig.suptitle(f"Lean multi-task encoders: latency vs FLOPs ({meta.get('tasks', '')}, {meta.get('gates', '')})",
+    fig.suptitle(f"Lean multi-task encoders: latency vs FLOPs ({meta.get('tasks', '')}, {meta.get('gates', '')}, "
+                 f"{'/'.join(args_mixes(meta))} mix)",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def args_mixes(meta: dict[str, str]) -> list[str]:
+    return [m for m in ("soft", "hard") if f"{m}:" in meta.get("shared mix", "") or f"{m} (" in meta.get("shared mix", "")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -486,22 +533,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=20, help="timed runs per model at 1 thread (wall and CPU time)")
     p.add_argument("--runs4", type=int, default=10, help="timed runs per model at --multi-threads (wall)")
     p.add_argument("--prof-runs", type=int, default=10, help="profiled runs per model (per-node minimum)")
+    p.add_argument("--prof-rounds", type=int, default=1,
+                   help="interleave the profiles: this many rounds over every model, each of prof-runs / rounds runs, "
+                        "per op type the fastest round (for a machine under varying load)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--multi-threads", type=int, default=4, help="intra-op threads of the extra column (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--opt-level", choices=("all", "extended", "basic"), default="all",
                    help="ORT graph optimisation level ('all' includes the NCHWc layout transform)")
     p.add_argument("--gate-group", type=int, default=DEFAULT_GROUP, help="channels per gate (convert's gate_group)")
+    p.add_argument("--mix", default="soft", help="shared-slot mix of the gated models: soft, hard or soft,hard")
     p.add_argument("--no-train", action="store_true", help="skip the trained-gates rows")
     p.add_argument("--train-steps", type=int, default=25, help="steps per epoch of the short training run")
     p.add_argument("--train-epochs", type=int, default=4)
     p.add_argument("--hrnet-train-steps", type=int, default=12, help="steps per epoch for hrnet (slower per step)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
+    args.mixes = [m.strip() for m in args.mix.split(",") if m.strip()]
+    if not args.mixes or any(m not in ("soft", "hard") for m in args.mixes) or len(set(args.mixes)) < len(args.mixes):
+        p.error(f"--mix takes soft, hard or soft,hard, got {args.mix!r}")
     if not args.no_train and args.tasks > 3:
         p.error("trained gates use the embedded scenes' 3 tasks: --tasks must be <= 3 (or pass --no-train)")
     stem = "latency" + (f"_group{args.gate_group}" if args.gate_group != DEFAULT_GROUP else "")
     stem += f"_{args.opt_level}" if args.opt_level != "all" else ""
+    stem += {("soft",): "", ("hard",): "_hardmix"}.get(tuple(args.mixes), "_mixes")
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
     tasks = tuple(f"task{i}" for i in range(args.tasks))
@@ -528,19 +583,24 @@ def main(argv: list[str] | None = None) -> int:
             if report is not None:
                 trained[name] = report
             for r in mine:
-                log(f"  {r.kind:>24} {r.density:>8}: FLOPs x{r.flop_ratio:.2f}  kernel {r.kernel_ms:.2f} ms "
+                log(f"  {r.kind:>24} {r.density:>8} {r.mix:>4}: FLOPs x{r.flop_ratio:.2f}  kernel {r.kernel_ms:.2f} ms "
                     f"x{r.latency_ratio:.2f}  per FLOP {r.per_flop:.2f} (CPU {r.cpu_per_flop:.2f})  "
                     f"vs separate {r.vs_separate:.2f}  {target(r)}")
     args.train_steps = steps
     meta = {"tasks": f"T = {args.tasks}",
             "gates": f"one per {args.gate_group} channel(s)",
+            "shared mix": "; ".join({"soft": "soft: softmax of beta, a Mul/Add chain per layer in the lean graph",
+                                     "hard": "hard (rows marked 'hard mix'): one-hot argmax of beta (random rows: "
+                                             "of the same random beta), one channel gather per layer in the lean "
+                                             "graph"}[m] for m in args.mixes),
             "ONNX Runtime": f"{ort.__version__}, CPUExecutionProvider, sequential execution, graph optimisation level "
                             f"{args.opt_level!r}; 1 intra-op thread unless a column says otherwise",
             "timing": f"{args.warmup} warm-up runs, then {args.runs} timed runs per model at 1 thread and {args.runs4} "
                       f"at {args.multi_threads} threads in interleaved blocks of 4 warm runs (wall and CPU time, "
                       f"median); {args.prof_runs} profiled runs per model and thread count after 3 warm-up runs "
-                      "(kernel ms)",
-            "trained gates": (f"TrainConfig(budget='0.5', gate_group={args.gate_group}, image_size=(64, 96), "
+                      "(kernel ms)" + (f", interleaved in {args.prof_rounds} rounds over the models (per op type the "
+                                       "fastest round)" if args.prof_rounds > 1 else ""),
+            "trained gates": (f"TrainConfig(budget='0.5', gate_group={args.gate_group}, mix in {args.mixes}, image_size=(64, 96), "
                               f"epochs={args.train_epochs}, steps_per_epoch={steps} ({args.hrnet_train_steps} for "
                               "hrnet), batch_size=8, lr=2e-3, gate_lr=0.05), then finalize()"
                               if not args.no_train else "not run (--no-train)"),

@@ -82,6 +82,10 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--gate-group", type=int, default=16,
                    help="channels decided by one gate (e.g. 8 or 16: lean layers keep multiples of it, "
                         "which vectorised CPU kernels run faster)")
+    p.add_argument("--mix", default="soft", choices=["soft", "hard"],
+                   help="how the shared branch reads the task features: soft (softmax of the mixing logits) or hard "
+                        "(their one-hot argmax, straight-through: the lean model's shared branch takes one channel "
+                        "selection per layer instead of a weighted sum)")
     p.add_argument("--tau", default="", help="GatedMTL's per-task targets (fraction of task-specific channels), "
                                              "e.g. seg=0.3,depth=0.5")
     p.add_argument("--balance", default="ew", help="loss-balancing strategy ('list' prints them)")
@@ -122,7 +126,7 @@ def _config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
         gate_lr=args.gate_lr, weight_decay=args.weight_decay, schedule=args.schedule,
         grad_clip=args.grad_clip or None, lambda_s=args.lambda_s, sparsity_warmup=args.sparsity_warmup,
-        init_logit=args.init_logit, gate_group=args.gate_group, budget_mode=args.budget_mode,
+        init_logit=args.init_logit, gate_group=args.gate_group, mix=args.mix, budget_mode=args.budget_mode,
         tau={k: float(v) for k, v in _kv(args.tau, "--tau").items()}, balance=args.balance,
         balance_options={k: _value(v) for k, v in _kv(args.balance_opt, "--balance-opt").items()},
         seed=args.seed, out=args.out, checkpoint=args.checkpoint, partial_checkpoint=args.partial_checkpoint,
@@ -363,7 +367,7 @@ def _verify(args: argparse.Namespace, explicit: set[str]) -> int:
         raise ValueError(f"unknown timm model {args.model!r}" + (f"; did you mean one of {close}?" if close else
                                                                    "; see timm.list_models()"))
     backbone = timm.create_model(args.model, pretrained=False, features_only=args.features_only)
-    report = verify(backbone, input_size=_size(args.input) if args.input else None)
+    report = verify(backbone, input_size=_size(args.input) if args.input else None, mix=args.mix)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:
@@ -402,6 +406,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p.add_argument("--model", required=True, help="timm model name (built with pretrained=False)")
     p.add_argument("--input", default=None, help="C,H,W (default: timm's input size)")
     p.add_argument("--features-only", action="store_true", help="build the timm model with features_only=True")
+    p.add_argument("--mix", default="soft", choices=["soft", "hard"], help="shared-branch mix of the conversion")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     sub.add_parser("profile", help="FLOPs, params, per-slot/per-layer table and ORT latency (see profile --help)")
     return parser, subs

@@ -5,10 +5,20 @@ For one gated layer with ``C`` output channels and ``T`` tasks:
 * gate ``m_t = 1[alpha_t > 0]`` in the forward pass, gradient of ``sigmoid(alpha_t)`` in the
   backward pass (straight-through estimator);
 * task features ``phi'_t = m_t * phi_t + (1 - m_t) * psi`` (``psi`` = shared slot output);
-* shared features ``psi' = sum_t softmax_t(beta)_t * phi'_t``.
+* shared features ``psi' = sum_t w_t * phi'_t`` with mixing weights ``w`` per channel:
+  ``softmax_t(beta)`` (``mix="soft"``, the paper's convex mix) or its one-hot argmax
+  (``mix="hard"``, see below).
 
 A closed gate makes the task reuse the shared channel exactly (its own filter is dead); a
 channel open for every task makes the shared filter dead (``psi'`` never reads it).
+
+**Hard mix.** ``w = onehot(argmax_t beta)`` in the forward pass, the gradient of
+``softmax_t(beta)`` in the backward pass (straight-through, like the gates). The weights are
+exactly one-hot at every step, so there is no temperature to anneal and nothing to project at
+the end: the trained model is the model that is pruned, and after pruning the shared slot's next
+input is a pure channel selection (one gather, no multiply-add), channel ``c`` taken from task
+``argmax beta[:, c]`` where that task's gate is open and from the shared slot where it is closed.
+Ties (``beta`` starts at zero) go to the first task.
 
 With ``group > 1`` one gate logit decides ``group`` consecutive channels, so every lean layer
 keeps a multiple of ``group`` filters per slot (widths that vectorised CPU kernels such as ONNX
@@ -20,7 +30,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ChannelGate", "straight_through", "check_group", "DEFAULT_GATE_GROUP"]
+__all__ = ["ChannelGate", "straight_through", "check_group", "check_mix", "DEFAULT_GATE_GROUP", "MIX_MODES"]
+
+MIX_MODES = ("soft", "hard")
+"""How the shared slot reads the task features: ``softmax(beta)`` or its straight-through one-hot argmax."""
 
 DEFAULT_GATE_GROUP = 16
 """Channels per gate of a new conversion: ONNX Runtime's blocked (NCHWc) CPU convolutions run
@@ -44,7 +57,9 @@ class ChannelGate(nn.Module):
     Attributes:
         alpha: ``[T, G]`` gate logits, one per group of ``group`` channels (``G = ceil(C / group)``;
             open where ``alpha > 0``); :meth:`channel_logits` gives them per channel.
-        beta: ``[T, C]`` mixing logits; the shared slot reads ``softmax(beta, dim=0)``.
+        beta: ``[T, C]`` mixing logits; the shared slot reads ``softmax(beta, dim=0)``
+            (``mix_mode="soft"``) or its one-hot argmax (``"hard"``), see :meth:`mixing_weights`.
+        mix_mode: ``"soft"`` or ``"hard"`` (module docstring).
         cost: ``[C]`` MACs of one channel of one slot for one sample (filter + fused norm),
             filled by :func:`gatedmtl.cost.analyze` at a given input size.
     """
@@ -52,11 +67,12 @@ class ChannelGate(nn.Module):
     _gatedmtl_gate = True
 
     def __init__(self, num_tasks: int, channels: int, channel_dim: int, init_logit: float = 1.0,
-                 group: int = 1) -> None:
+                 group: int = 1, mix: str = "soft") -> None:
         super().__init__()
         if channel_dim not in (1, -1):
             raise ValueError(f"channel_dim must be 1 or -1, got {channel_dim}")
         check_group(group)
+        self.mix_mode = check_mix(mix)
         self.num_tasks = num_tasks
         self.channels = channels
         self.channel_dim = channel_dim
@@ -106,8 +122,28 @@ class ChannelGate(nn.Module):
         return (self.channel_logits() > 0).detach()
 
     def mixing_weights(self) -> Tensor:
-        """``[T, C]`` convex weights with which the shared slot reads the task features."""
-        return torch.softmax(self.beta, dim=0)
+        """``[T, C]`` convex weights with which the shared slot reads the task features.
+
+        ``softmax(beta)`` (soft mix) or ``onehot(argmax beta)`` with the softmax's gradient (hard mix).
+        """
+        soft = torch.softmax(self.beta, dim=0)
+        if self.mix_mode == "soft":
+            return soft
+        return _one_hot(self.beta).to(soft.dtype) + (soft - soft.detach())
+
+    def mix_choice(self) -> Tensor:
+        """``[C]`` the task that the hard mix reads per channel (``argmax`` of ``beta``, ties: the first)."""
+        return self.beta.detach().argmax(0)
+
+    def set_mix_choice(self, choice: Tensor) -> None:
+        """Set ``beta`` so that the hard mix reads task ``choice[c]`` at channel ``c`` (``[C]`` integers)."""
+        choice = torch.as_tensor(choice).to(torch.long).flatten()
+        if choice.numel() != self.channels or (choice.numel() and (choice.min() < 0 or choice.max() >= self.num_tasks)):
+            raise ValueError(f"gate '{self.name}': a mix choice holds {self.channels} task indices in "
+                             f"[0, {self.num_tasks}), got {choice.numel()} values")
+        with torch.no_grad():
+            self.beta.zero_()
+            self.beta.scatter_(0, choice.to(self.beta.device)[None], 1.0)
 
     def _shape(self, per_task: Tensor, ndim: int) -> Tensor:
         """Broadcast ``[T, C]`` against a ``[T, b, ...]`` view with ``ndim`` dims per sample."""
@@ -130,11 +166,12 @@ class ChannelGate(nn.Module):
         if slots[0].shape[self.channel_dim] != self.channels:
             raise ValueError(f"gate '{self.name}': expected {self.channels} channels on dim {self.channel_dim}, "
                              f"got {tuple(slots[0].shape)}")
-        return _GateMix.apply(self.channel_logits(), self.beta, self.channel_dim, *slots)
+        return _GateMix.apply(self.channel_logits(), self.beta, self.channel_dim, self.mix_mode == "hard", *slots)
 
     def extra_repr(self) -> str:
         group = f", group={self.group}" if self.group != 1 else ""
-        return f"tasks={self.num_tasks}, channels={self.channels}, channel_dim={self.channel_dim}{group}"
+        mix = f", mix={self.mix_mode!r}" if self.mix_mode != "soft" else ""
+        return f"tasks={self.num_tasks}, channels={self.channels}, channel_dim={self.channel_dim}{group}{mix}"
 
 
 def check_group(group: int) -> int:
@@ -142,6 +179,20 @@ def check_group(group: int) -> int:
     if isinstance(group, bool) or not isinstance(group, int) or group < 1:
         raise ValueError(f"gate group must be a positive integer (channels per gate), got {group!r}")
     return group
+
+
+def check_mix(mix: str) -> str:
+    """Validate a mix mode (:data:`MIX_MODES`)."""
+    if mix not in MIX_MODES:
+        raise ValueError(f"mix must be one of {', '.join(MIX_MODES)} (how the shared slot reads the task features), "
+                         f"got {mix!r}")
+    return mix
+
+
+def _one_hot(beta: Tensor) -> Tensor:
+    """``[T, C]`` boolean: ``True`` at ``argmax_t beta[:, c]`` (ties: the first task)."""
+    choice = beta.detach().argmax(0)
+    return torch.arange(beta.shape[0], device=beta.device)[:, None] == choice[None]
 
 
 def _per_channel(v: Tensor, ref: Tensor, channel_dim: int) -> Tensor:
@@ -160,32 +211,34 @@ def _channel_sum(x: Tensor, channel_dim: int) -> Tensor:
 class _GateMix(torch.autograd.Function):
     """Fused straight-through mixing (one pass per task forward, a few backward).
 
-    Forward: ``phi'_t = where(alpha_t > 0, phi_t, psi)``, ``psi' = sum_t softmax(beta)_t phi'_t``,
-    written straight into the folded output. Backward: the gradients of that formula with the
-    hard gate replaced by ``sigmoid(alpha)`` for ``alpha`` (straight-through), as the
-    unfused ``m * phi + (1 - m) * psi`` would give.
+    Forward: ``phi'_t = where(alpha_t > 0, phi_t, psi)``, ``psi' = sum_t w_t phi'_t`` with
+    ``w = softmax(beta)`` (or its one-hot argmax with ``hard_mix``), written straight into the
+    folded output. Backward: the gradients of that formula with the hard gate replaced by
+    ``sigmoid(alpha)`` for ``alpha`` and the one-hot weights by ``softmax(beta)`` for ``beta``
+    (straight-through), as the unfused ``m * phi + (1 - m) * psi`` would give.
     """
 
     @staticmethod
-    def forward(ctx, alpha: Tensor, beta: Tensor, channel_dim: int, *slots: Tensor) -> Tensor:  # noqa: ANN001
+    def forward(ctx, alpha: Tensor, beta: Tensor, channel_dim: int, hard_mix: bool, *slots: Tensor) -> Tensor:  # noqa: ANN001
         psi = slots[0]
         num_tasks = len(slots) - 1
         out = psi.new_empty((num_tasks + 1) * psi.shape[0], *psi.shape[1:])
         views = out.view(num_tasks + 1, *psi.shape)
         hard = alpha > 0
-        w = torch.softmax(beta, dim=0).to(psi.dtype)
+        soft = torch.softmax(beta, dim=0)
+        w = (_one_hot(beta) if hard_mix else soft).to(psi.dtype)
         shared = views[0]
         shared.zero_()
         for t in range(num_tasks):
             torch.where(_per_channel(hard[t], psi, channel_dim), slots[t + 1], psi, out=views[t + 1])
             shared.addcmul_(views[t + 1], _per_channel(w[t], psi, channel_dim))
         ctx.channel_dim = channel_dim
-        ctx.save_for_backward(alpha, w, *slots)  # not ``out``: the backbone may modify it in place
+        ctx.save_for_backward(alpha, w, soft, *slots)  # not ``out``: the backbone may modify it in place
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
-        alpha, w, *slots = ctx.saved_tensors
+        alpha, w, soft_w, *slots = ctx.saved_tensors
         cd = ctx.channel_dim
         psi = slots[0]
         num_tasks = len(slots) - 1
@@ -197,11 +250,12 @@ class _GateMix(torch.autograd.Function):
         grad_alpha = torch.zeros_like(alpha) if need_alpha else None
         grad_w = torch.zeros_like(w) if need_beta else None
         grad_slots: list[Tensor | None] = [None] * (num_tasks + 1)
-        grad_psi = torch.zeros_like(psi) if ctx.needs_input_grad[3] else None
+        first = 4  # index of the first slot among forward's inputs
+        grad_psi = torch.zeros_like(psi) if ctx.needs_input_grad[first] else None
         for t in range(num_tasks):
             g_t = torch.addcmul(grads[t + 1], g_shared, _per_channel(w[t], psi, cd))  # dL/dphi'_t
             m_t = _per_channel(hard[t], psi, cd)
-            if ctx.needs_input_grad[4 + t]:
+            if ctx.needs_input_grad[first + 1 + t]:
                 grad_slots[t + 1] = torch.where(m_t, g_t, torch.zeros((), dtype=g_t.dtype))
             if grad_psi is not None:
                 grad_psi += torch.where(m_t, torch.zeros((), dtype=g_t.dtype), g_t)
@@ -212,7 +266,8 @@ class _GateMix(torch.autograd.Function):
                 phi_t = torch.where(m_t, slots[t + 1], psi)
                 grad_w[t] = _channel_sum(phi_t * g_shared, cd).to(w.dtype)
         grad_beta = None
-        if need_beta:
-            grad_beta = (w * (grad_w - (w * grad_w).sum(0, keepdim=True))).to(alpha.dtype)
+        if need_beta:  # through softmax(beta) (the hard mix's straight-through gradient too)
+            sw = soft_w.to(grad_w.dtype)
+            grad_beta = (sw * (grad_w - (sw * grad_w).sum(0, keepdim=True))).to(alpha.dtype)
         grad_slots[0] = grad_psi
-        return (grad_alpha, grad_beta, None, *grad_slots)
+        return (grad_alpha, grad_beta, None, None, *grad_slots)

@@ -122,8 +122,11 @@ def _feature_channels(encoder_out: Any) -> list[int]:
 
 def build_network(backbone: nn.Module, tasks: Mapping[str, Task] | Sequence[Task], input_size: tuple[int, int, int],
                   arch: str = "gated", *, init_logit: float = 1.0, gate_group: int = DEFAULT_GATE_GROUP,
-                  task_weights: Mapping[str, Mapping[str, Tensor]] | None = None) -> MultiTaskNet:
-    """Encoder (``arch``: ``gated`` or ``shared``) + one head per task, sized by a probe pass."""
+                  task_weights: Mapping[str, Mapping[str, Tensor]] | None = None, mix: str = "soft") -> MultiTaskNet:
+    """Encoder (``arch``: ``gated`` or ``shared``) + one head per task, sized by a probe pass.
+
+    ``mix``: the gated encoder's shared-slot mix, ``"soft"`` or ``"hard"`` (see :func:`gatedmtl.convert`).
+    """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
     task_list = list(tasks.values()) if isinstance(tasks, Mapping) else list(tasks)
@@ -135,7 +138,8 @@ def build_network(backbone: nn.Module, tasks: Mapping[str, Task] | Sequence[Task
     heads = {t.name: t.make_head(channels, tuple(input_size[1:])) for t in task_list}
     if arch == "gated":
         encoder: nn.Module = convert(backbone, [t.name for t in task_list], input_size=input_size,
-                                     init_logit=init_logit, gate_group=gate_group, task_weights=task_weights)
+                                     init_logit=init_logit, gate_group=gate_group, task_weights=task_weights,
+                                     mix=mix)
     else:
         if task_weights:
             raise ValueError("task_weights only apply to the gated arch")

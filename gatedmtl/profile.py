@@ -660,6 +660,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--density", type=float, default=0.5,
                    help="fraction of channels each task opens, at random (0 = all closed, 1 = all open)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random gates")
+    p.add_argument("--mix", default="soft", choices=["soft", "hard"],
+                   help="shared-branch mix of the converted timm model (hard: a one-hot choice of task per channel)")
     p.add_argument("--input", type=_shape, default=None,
                    help="B,C,H,W, C,H,W or HxW (default: batch 1 at timm's input size)")
     p.add_argument("--features-only", action="store_true", help="build the timm model with features_only=True")
@@ -740,7 +742,7 @@ def _timm_profiles(args: argparse.Namespace) -> list[Profile]:
     kwargs = {"features_only": True} if args.features_only else {}
     backbone = timm.create_model(args.model, pretrained=False, **kwargs).eval()
     shape = args.input or (1, *default_input_size(backbone))
-    gated = convert(backbone, tasks, input_size=shape[1:]).eval()
+    gated = convert(backbone, tasks, input_size=shape[1:], mix=args.mix).eval()
     set_gates(gated, args.density, torch.Generator().manual_seed(args.seed))
     lean = prune(gated).eval()
     opts = dict(latency=not args.no_latency, threads=args.threads, runs=args.runs)

@@ -158,14 +158,18 @@ class LeanGatedLayer(nn.Module):
     The shared slot's output is ``sum_t weights[t] * full_t`` (``mix="mix"``), the shared
     branch's output when every task is closed everywhere (``mix="shared"``: the weights sum to
     one), or, when no later layer reads the shared slot (``mix="dead"``, set by :func:`prune`),
-    a copy of the first task's output that nothing uses.
+    a copy of the first task's output that nothing uses. With a hard mix (``choice``: the task
+    read per channel) it is one gather ``pool[mix_index]`` (``mix="select"``), a task branch's
+    output as it is where that task is chosen and open everywhere (``"copy"``), or the shared
+    branch's output where every chosen channel is closed (``"shared"``).
 
     ``slots`` are the slots folded on the batch axis (:attr:`LeanModel.slots`); with a single
     one, ``forward`` is that slot's branch alone.
     """
 
     def __init__(self, branches: Sequence[nn.Module | None], in_index: Sequence[Tensor | None],
-                 keep: Sequence[Tensor], open_: Tensor, weights: Tensor, channel_dim: int) -> None:
+                 keep: Sequence[Tensor], open_: Tensor, weights: Tensor | None, channel_dim: int,
+                 choice: Tensor | None = None) -> None:
         super().__init__()
         num_tasks, width = open_.shape
         self.branches = nn.ModuleList(b if b is not None else nn.Identity() for b in branches)
@@ -176,30 +180,65 @@ class LeanGatedLayer(nn.Module):
         self.channels = width
         for s, idx in enumerate(in_index):
             self.register_buffer(f"in_index_{s}", idx)
-        self.register_buffer("weights", weights)
+        self.hard = choice is not None
+        if not self.hard and weights is None:
+            raise ValueError("a soft-mix layer needs its mixing weights (or give the hard mix's choice)")
+        self.register_buffer("weights", None if self.hard else weights)
         self.kept = [int(k.numel()) for k in keep]
-
+        self._keep = [k.cpu() for k in keep]  # build-time layout inputs (see _layout)
+        self._open = open_.cpu()
         self.sources: list[str] = []
         for t in range(num_tasks):
             n = self.kept[t + 1]
             self.sources.append("own" if n == width else "shared" if n == 0 else "pool")
-        pool_tasks = [t for t, src in enumerate(self.sources) if src == "pool"]
-        self.pool_slots = [0] + [t + 1 for t in pool_tasks] if pool_tasks else []
-        offsets, offset = {}, 0
-        for s in self.pool_slots:
-            offsets[s] = offset
-            offset += self.kept[s]
-        shared_pos = _positions(keep[0], width) + offsets.get(0, 0)
-        for t in range(num_tasks):
-            idx = None
-            if self.sources[t] == "pool":
-                own_pos = _positions(keep[t + 1], width) + offsets[t + 1]
-                idx = torch.where(open_[t], own_pos, shared_pos)
-            self.register_buffer(f"restore_{t}", idx)
 
-        self.mix = "shared" if all(src == "shared" for src in self.sources) else "mix"
+        self.mix_copy: int | None = None
+        self._mix_src: Tensor | None = None
+        if self.hard:  # slot whose channel the shared slot reads: the chosen task where it is open, else shared
+            choice = choice.cpu().to(torch.long)
+            self._mix_src = torch.where(self._open[choice, torch.arange(width)], choice + 1, 0)
+            read = sorted(set(self._mix_src.tolist()))
+            self.mix = "shared" if read == [0] else "copy" if len(read) == 1 else "select"
+            if self.mix == "copy":  # one task everywhere, open everywhere: its branch output as it is
+                self.mix_copy = read[0]
+        else:
+            self.mix = "shared" if all(src == "shared" for src in self.sources) else "mix"
         closed_tasks = [t for t, src in enumerate(self.sources) if src == "shared"]
-        self.register_buffer("mix_shared", weights[closed_tasks].sum(0) if closed_tasks else None)
+        self.register_buffer("mix_shared", weights[closed_tasks].sum(0) if closed_tasks and not self.hard else None)
+        self._layout()
+
+    def _layout(self) -> None:
+        """The pool's slots and the gather indices into it, for the current ``mix``.
+
+        The pool holds the shared slot and the partly open tasks (whose full width is gathered
+        from it), plus, with a hard ``"select"`` mix, every task that the shared slot reads.
+        """
+        width = self.channels
+        device = next(iter(self.branches.parameters()), torch.empty(0)).device
+        pool_tasks = [t for t, src in enumerate(self.sources) if src == "pool"]
+        pooled = {0, *(t + 1 for t in pool_tasks)} if pool_tasks else set()
+        if self.mix == "select":
+            pooled |= set(self._mix_src.tolist())
+        self.pool_slots = sorted(pooled)
+        pos: dict[int, Tensor] = {}
+        offset = 0
+        for s in self.pool_slots:
+            pos[s] = _positions(self._keep[s], width) + offset
+            offset += self.kept[s]
+        for t in range(len(self.sources)):
+            idx = torch.where(self._open[t], pos[t + 1], pos[0]) if self.sources[t] == "pool" else None
+            self.register_buffer(f"restore_{t}", idx.to(device) if idx is not None else None)
+        mix_index = None
+        if self.mix == "select":
+            table = torch.stack([pos.get(s, torch.full((width,), -1)) for s in range(self.num_slots)])
+            mix_index = table[self._mix_src, torch.arange(width)]
+        self.register_buffer("mix_index", mix_index.to(device) if mix_index is not None else None)
+
+    def set_dead(self) -> None:
+        """No later layer reads this layer's shared-slot output: stop computing its mix."""
+        self.mix = "dead"
+        self.mix_copy = None
+        self._layout()
 
     def __getattr__(self, name: str) -> Any:
         # Backbone code may read attributes of the layer it called (``.weight.dtype``,
@@ -265,13 +304,18 @@ class LeanGatedLayer(nn.Module):
                 full.append(shared)
             else:
                 full.append(pool.index_select(dim, getattr(self, f"restore_{t}")))
-        return [self._mixed(shared, full) if s == 0 else full[s - 1] for s in self.slots]
+        return [self._mixed(outs, pool, full) if s == 0 else full[s - 1] for s in self.slots]
 
-    def _mixed(self, shared: Tensor | None, full: list[Tensor]) -> Tensor:
+    def _mixed(self, outs: list[Tensor | None], pool: Tensor | None, full: list[Tensor]) -> Tensor:
+        shared = outs[0]
         if self.mix == "shared":
             return shared
         if self.mix == "dead":
             return full[0]
+        if self.mix == "copy":
+            return outs[self.mix_copy]
+        if self.mix == "select":  # hard mix: one channel selection from the pool
+            return pool.index_select(self.channel_dim, self.mix_index)
         mixed = None
         if self.mix_shared is not None:
             mixed = shared * self._weight(self.mix_shared, shared)
@@ -282,7 +326,8 @@ class LeanGatedLayer(nn.Module):
         return mixed
 
     def extra_repr(self) -> str:
-        return f"kept={self.kept}/{self.channels}, sources={self.sources}, mix={self.mix!r}, slots={self.slots}"
+        hard = ", hard" if self.hard else ""
+        return f"kept={self.kept}/{self.channels}, sources={self.sources}, mix={self.mix!r}{hard}, slots={self.slots}"
 
 
 class LeanSlotModule(SlotModule):
@@ -456,7 +501,7 @@ def _mark_dead_shared(lean: LeanModel, layers: Sequence[LeanGatedLayer]) -> None
     shared branch. ``layers`` are in first-call order: when the last one has a shared branch,
     nothing is dead and no forward pass is needed to find out.
     """
-    if not layers or layers[-1].present[0] or all(m.mix != "mix" for m in layers):
+    if not layers or layers[-1].present[0] or all(m.mix not in ("mix", "select") for m in layers):
         return
     calls = _call_order(lean)
     last_reader = max((i for i, m in enumerate(calls) if m.present[0]), default=-1)
@@ -464,8 +509,8 @@ def _mark_dead_shared(lean: LeanModel, layers: Sequence[LeanGatedLayer]) -> None
     for i, m in enumerate(calls):
         first_call.setdefault(id(m), i)
     for m in layers:
-        if m.mix == "mix" and first_call.get(id(m), -1) > last_reader:
-            m.mix = "dead"
+        if m.mix in ("mix", "select") and first_call.get(id(m), -1) > last_reader:
+            m.set_dead()
 
 
 def computed_slots(model: GatedModel) -> tuple[int, ...]:
@@ -548,8 +593,11 @@ def prune(model: GatedModel, *, streams: bool = True) -> LeanModel:
                 layer = nn.Sequential(layer, prune_out_channels(copy.deepcopy(unit.slots[s]), keep[s]))
             branches.append(layer)
             in_index.append(conv_input_channels(template, keep[s]))
-        weights = gate.mixing_weights().detach().cpu().to(template.weight.dtype)
-        lean = LeanGatedLayer(branches, in_index, keep, open_, weights, gate.channel_dim).to(template.weight.device)
+        hard = gate.mix_mode == "hard"
+        weights = None if hard else gate.mixing_weights().detach().cpu().to(template.weight.dtype)
+        choice = gate.mix_choice().cpu() if hard else None
+        lean = LeanGatedLayer(branches, in_index, keep, open_, weights, gate.channel_dim,
+                              choice).to(template.weight.device)
         lean.train(model.training)
         layers.append(lean)
         for parent, attr in where[id(producer)]:
@@ -574,6 +622,10 @@ def prune(model: GatedModel, *, streams: bool = True) -> LeanModel:
         lean_model.set_task_networks(_task_networks(backbone, layers, num_tasks))
     if 0 in slots:
         _mark_dead_shared(lean_model, layers)
+    else:  # the shared slot is not computed: no layer's mix is read
+        for layer in layers:
+            if layer.mix in ("mix", "select"):
+                layer.set_dead()
     return lean_model
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .gates import DEFAULT_GATE_GROUP, ChannelGate, check_group
+from .gates import DEFAULT_GATE_GROUP, ChannelGate, check_group, check_mix
 from .probe import UnfoldableModuleError, probe
 from .slots import SlotModule, fold, is_slot_unit, unfold_slot
 
@@ -177,6 +177,7 @@ def convert(
     init_logit: float = 1.0,
     gate_group: int = DEFAULT_GATE_GROUP,
     task_weights: Mapping[str, Mapping[str, Tensor]] | None = None,
+    mix: str = "soft",
 ) -> GatedModel:
     """Turn ``backbone`` into a :class:`GatedModel` with a shared slot and one slot per task.
 
@@ -192,12 +193,17 @@ def convert(
             convolutions) run without padding; 1 gates every channel on its own (the paper's gates).
         task_weights: optional ``{task: backbone state dict}`` (e.g. single-task checkpoints)
             that initialise task branches instead of the backbone's own weights.
+        mix: how the shared slot reads the task features: ``"soft"`` (``softmax(beta)``, the
+            paper's mix) or ``"hard"`` (its one-hot argmax, straight-through; the lean model's
+            shared slot then takes one channel selection instead of a weighted sum, see
+            :mod:`gatedmtl.gates`).
 
     Every slot starts as a copy of the backbone, so before training every task's output
     equals ``backbone(x)`` for any gate pattern.
     """
     names = _validate_tasks(tasks)
     check_group(gate_group)
+    check_mix(mix)
     if not isinstance(backbone, nn.Module):
         raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
     if isinstance(backbone, GatedModel):
@@ -250,7 +256,7 @@ def convert(
             linear = isinstance(producer, nn.Linear)
             channels = producer.out_features if linear else producer.out_channels
             gate = ChannelGate(len(names), channels, -1 if linear else 1, init_logit,
-                               group=layer_gate_group(producer, gate_group))
+                               group=layer_gate_group(producer, gate_group), mix=mix)
             gate.name = name
             order.append(name)
         slotted = SlotModule(module, num_slots, gate)

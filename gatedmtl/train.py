@@ -39,7 +39,7 @@ from .files import check_not_special, check_output, remove_stale_temps
 from .cost import count_flops, expected_flops, predict_flops
 from .data import create_dataset, dataset_tasks
 from .network import MultiTaskNet, build_backbone, build_network, tasks_from_spec
-from .gates import DEFAULT_GATE_GROUP, ChannelGate, check_group
+from .gates import DEFAULT_GATE_GROUP, ChannelGate, check_group, check_mix
 from .parallel import all_reduce_mean_, average_running_stats, broadcast_state, global_losses, init_distributed
 from .parallel import dist_info as _dist_info
 from .parallel import unreached_parameters
@@ -93,6 +93,7 @@ class TrainConfig:
     sparsity_warmup: int = 0  # epochs without the sparsity term
     init_logit: float = 1.0
     gate_group: int = DEFAULT_GATE_GROUP  # channels per gate logit (lean widths become multiples of it)
+    mix: str = "soft"  # shared-slot mix: "soft" (softmax of beta) or "hard" (straight-through one-hot argmax)
     tau: dict[str, float] = field(default_factory=dict)
     lambda_tau: float = 1.0
     balance: str = "ew"
@@ -133,6 +134,7 @@ class TrainConfig:
         if self.arch == "shared" and (self.tau or self.init_task_weights):
             raise ValueError("--tau and --init-task-weights need the gated arch")
         check_group(self.gate_group)
+        check_mix(self.mix)
         if self.budget_mode not in ("max", "target"):
             raise ValueError(f"budget_mode must be 'max' or 'target', got {self.budget_mode!r}")
 
@@ -287,7 +289,8 @@ def build_from_config(config: TrainConfig, task_spec: Mapping[str, Mapping[str, 
     if config.init_task_weights and load_pretrained:
         task_weights = {t: load_weights(p) for t, p in config.init_task_weights.items()}
     return build_network(backbone, tasks_from_spec(task_spec), input_size, config.arch,
-                         init_logit=config.init_logit, gate_group=config.gate_group, task_weights=task_weights)
+                         init_logit=config.init_logit, gate_group=config.gate_group, task_weights=task_weights,
+                         mix=config.mix)
 
 
 class _Schedule:
@@ -384,7 +387,7 @@ class Trainer:
             raise ValueError(f"{path} was pruned for input {meta['input_size']}, the data set gives "
                              f"{list(self.input_size)}")
         tensors, _ = load_checkpoint(path)
-        self.lean_tensors = {k: v for k, v in tensors.items() if k.startswith("mask.")}
+        self.lean_tensors = {k: v for k, v in tensors.items() if k.startswith(("mask.", "mix."))}
         self.lean_meta = {k: meta[k] for k in ("flops", "finetuned_from") if k in meta}
         self.lean_meta.setdefault("finetuned_from", str(path))
         return net
@@ -773,10 +776,15 @@ def load_network(path: str | Path) -> tuple[MultiTaskNet, dict[str, Any]]:
                 mask = tensors.get(f"mask.{gate.name}")
                 if mask is None:
                     raise CheckpointError(f"{path} lacks the gate mask of {gate.name}")
+                choice = tensors.get(f"mix.{gate.name}")
+                if gate.mix_mode == "hard" and choice is None:
+                    raise CheckpointError(f"{path} lacks the hard-mix choice of {gate.name}")
                 try:
                     gate.set_open(mask.bool())
+                    if gate.mix_mode == "hard":
+                        gate.set_mix_choice(choice)
                 except (ValueError, RuntimeError) as e:
-                    raise CheckpointError(f"{path}: the gate mask of {gate.name} does not fit the network: {e}") from e
+                    raise CheckpointError(f"{path}: the gate mask or mix choice of {gate.name} does not fit the network: {e}") from e
         net = net.pruned()
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
@@ -815,6 +823,8 @@ def save_lean(path: str | Path, lean: MultiTaskNet, gated: MultiTaskNet, meta: M
     tensors = {f"model.{k}": v for k, v in lean.state_dict().items()}
     for gate in gated.encoder.gates():
         tensors[f"mask.{gate.name}"] = gate.open_mask().to(torch.uint8)
+        if gate.mix_mode == "hard":  # the task the shared slot reads per channel (it fixes the lean layout)
+            tensors[f"mix.{gate.name}"] = gate.mix_choice().to(torch.int32)
     lean_meta = dict(meta) | {"kind": "lean", "flops": dict(report)}
     lean_meta.pop("history", None)
     return save_checkpoint(path, tensors, lean_meta)

@@ -126,7 +126,7 @@ class VerifyReport:
 
 def verify(backbone: nn.Module, tasks: Sequence[str] = ("a", "b", "c"), input_size: tuple[int, ...] | None = None,
            patterns: Sequence[str | float] = GATE_PATTERNS, batch: int = 2, seed: int = 0,
-           flops: bool = True) -> VerifyReport:
+           flops: bool = True, mix: str = "soft") -> VerifyReport:
     """Convert ``backbone``, then measure convert parity, prune parity and FLOP prediction.
 
     Convert parity: every task output vs ``backbone(x)`` with random gates. Prune parity and
@@ -135,12 +135,13 @@ def verify(backbone: nn.Module, tasks: Sequence[str] = ("a", "b", "c"), input_si
     that do real compute and that fvcore did not count, in the backbone and the lean models;
     any makes :attr:`VerifyReport.ok` false.
 
-    ``input_size`` is the backbone's per-sample ``(C, H, W)`` as :func:`gatedmtl.convert` takes it.
+    ``input_size`` is the backbone's per-sample ``(C, H, W)`` as :func:`gatedmtl.convert` takes it,
+    ``mix`` its shared-slot mix (``"soft"`` or ``"hard"``).
     """
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     backbone = backbone.eval()
-    model = convert(backbone, tasks, input_size=input_size).eval()
+    model = convert(backbone, tasks, input_size=input_size, mix=mix).eval()
     size = model.input_size
     x = torch.randn((batch, *size), generator=gen)
     set_gates(model, 0.5, gen)

@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from gatedmtl.cli import main
 from gatedmtl.train import load_network
@@ -48,7 +49,8 @@ def _onnx_vs_torch(onnx_path: Path, checkpoint: Path) -> float:
     return max(float(np.abs(got[t] - ref[t].numpy()).max() / max(float(ref[t].abs().max()), 1e-6)) for t in net.tasks)
 
 
-@pytest.mark.parametrize("extra", [[], ["--gate-group", "8"], ["--arch", "shared"]], ids=["gated", "group8", "shared"])
+@pytest.mark.parametrize("extra", [[], ["--gate-group", "8"], ["--mix", "hard"], ["--arch", "shared"]],
+                         ids=["gated", "group8", "hardmix", "shared"])
 def test_train_eval_prune_export_round_trip(tmp_path, capsys, extra):
     run = tmp_path / "run"
     rc, out, err = _run(capsys, "train", *TINY, *extra, "--out", run)
@@ -76,6 +78,19 @@ def test_train_eval_prune_export_round_trip(tmp_path, capsys, extra):
         assert _close(_printed_json(out), summary["val_lean"])
         lean, _ = load_network(model)
         assert lean.encoder.tasks == tuple(TASKS.split(","))
+        hard = "--mix" in extra
+        assert net.encoder.gates()[0].mix_mode == ("hard" if hard else "soft")
+        layers = [m for _, m in lean.encoder.lean_layers()]
+        assert all(m.hard == hard for m in layers)
+        if hard:  # the lean checkpoint rebuilds the layout of the trained beta's argmax (projected gates)
+            masks = load_file(str(model))
+            for gate in net.encoder.gates():
+                gate.set_open(masks[f"mask.{gate.name}"].bool())
+            trained = net.pruned()
+            assert [(m.mix, m.pool_slots) for m in layers] == [(m.mix, m.pool_slots)
+                                                               for _, m in trained.encoder.lean_layers()]
+            assert all(torch.equal(a.mix_index, b.mix_index) for a, (_, b) in zip(layers, trained.encoder.lean_layers())
+                       if a.mix == "select")
 
     onnx_path = run / "model.onnx"
     rc, out, err = _run(capsys, "export", model, "--out", onnx_path)

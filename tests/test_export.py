@@ -169,6 +169,32 @@ def test_timm_resnet18_features_only(tmp_path):
     compare_outputs(_ort_run(report.path, x), _torch_flat(model, x), rtol=1e-4)
 
 
+@pytest.mark.parametrize("mix", ["soft", "hard"])
+def test_lean_resnet18_parity_and_the_shared_mix_in_the_graph(tmp_path, mix):
+    """A lean features_only resnet18 (random gates, perturbed slots) in ONNX Runtime at 1e-4; the hard mix
+    leaves no Mul in the graph (resnet18 has none of its own) and fewer nodes than the soft one."""
+    import onnx
+    import timm
+
+    import gatedmtl
+    from gatedmtl.verify import perturb_slots, set_gates
+
+    backbone = timm.create_model("resnet18", pretrained=False, features_only=True).eval()
+    ops = {}
+    for m in dict.fromkeys(("soft", mix)):
+        model = gatedmtl.convert(backbone, ("a", "b", "c"), input_size=(3, 64, 64), mix=m).eval()
+        perturb_slots(model, generator=torch.Generator().manual_seed(0))
+        set_gates(model, 0.5, torch.Generator().manual_seed(1))
+        lean = gatedmtl.prune(model).eval()
+        report = export_onnx(lean, tmp_path / f"{m}.onnx", (1, 3, 64, 64))
+        assert max(report.max_rel_error.values()) <= 1e-4
+        assert gatedmtl.count_flops(lean, (1, 3, 64, 64)) == gatedmtl.predict_flops(model, (1, 3, 64, 64))
+        ops[m] = [n.op_type for n in onnx.load(str(report.path)).graph.node]
+    assert ops["soft"].count("Mul") > 0
+    if mix == "hard":
+        assert ops["hard"].count("Mul") == 0 and len(ops["hard"]) < len(ops["soft"])
+
+
 def test_external_data(tmp_path):
     report = export_onnx(_small(), tmp_path / "ext.onnx", (1, 3, 16, 16), external_data=True)
     data = tmp_path / "ext.onnx.data"

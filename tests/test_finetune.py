@@ -81,3 +81,20 @@ def test_finetune_errors(tmp_path, capsys, lean_file):
     with pytest.raises(ValueError, match="model="):
         finetune_config(lean_file, {"model": "resnet34"})
     assert finetune_config(lean_file, {"lr": 0.5}).lr == 0.5
+
+
+def test_finetune_of_a_hard_mix_network_keeps_its_channel_selection(tmp_path, capsys):
+    assert main(["train", *TINY, "--mix", "hard", "--out", str(tmp_path / "run")]) == 0
+    lean_path = tmp_path / "lean.safetensors"
+    assert main(["prune", str(tmp_path / "run" / "last.safetensors"), "--out", str(lean_path)]) == 0
+    rc, _, err = _run(capsys, "finetune", lean_path, "--out", tmp_path / "ft", "--epochs", "1", "--steps-per-epoch", "1",
+                      "--no-progress")
+    assert rc == 0, err[-2000:]
+    last = tmp_path / "ft" / "last.safetensors"
+    mix = {k: v for k, v in load_checkpoint(lean_path)[0].items() if k.startswith("mix.")}
+    assert mix and all(torch.equal(load_checkpoint(last)[0][k], v) for k, v in mix.items())
+    before, _ = load_network(lean_path)
+    after, _ = load_network(last)
+    layers = [(m.mix, m.pool_slots) for _, m in after.encoder.lean_layers()]
+    assert layers == [(m.mix, m.pool_slots) for _, m in before.encoder.lean_layers()]
+    assert all(m.hard for _, m in after.encoder.lean_layers())

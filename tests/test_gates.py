@@ -77,11 +77,12 @@ def test_cost_of_a_two_layer_net_by_hand():
     assert gatedmtl.flop_bounds(model, (1, 3, 5, 5)) == (4 * 675 + 2 * 100, 2 * (4 * 675 + 2 * 100))
 
 
+@pytest.mark.parametrize("mix", ["soft", "hard"])
 @pytest.mark.parametrize("channel_dim,shape", [(1, (2, 3, 4, 5)), (-1, (2, 5, 3)), (-1, (4, 3))])
-def test_fused_mixing_matches_the_unfused_formula_and_its_gradients(channel_dim, shape):
+def test_fused_mixing_matches_the_unfused_formula_and_its_gradients(channel_dim, shape, mix):
     torch.manual_seed(0)
     c = shape[channel_dim]
-    gate = ChannelGate(num_tasks=3, channels=c, channel_dim=channel_dim).double()
+    gate = ChannelGate(num_tasks=3, channels=c, channel_dim=channel_dim, mix=mix).double()
     with torch.no_grad():
         gate.alpha.copy_(torch.randn(3, c))
         gate.beta.copy_(torch.randn(3, c))
@@ -93,7 +94,10 @@ def test_fused_mixing_matches_the_unfused_formula_and_its_gradients(channel_dim,
         bshape = [3] + [1] * len(shape)
         bshape[1 + channel_dim % len(shape)] = c
         m = straight_through(gate.alpha).reshape(bshape)
-        w = torch.softmax(gate.beta, 0).reshape(bshape)
+        w = torch.softmax(gate.beta, 0)
+        if mix == "hard":  # one-hot argmax forward, softmax gradient
+            w = nn.functional.one_hot(gate.beta.argmax(0), 3).T.to(w) + (w - w.detach())
+        w = w.reshape(bshape)
         phi = m * y[1:] + (1 - m) * y[0:1]
         return torch.cat([(w * phi).sum(0, keepdim=True), phi], 0).reshape(4 * shape[0], *shape[1:])
 
@@ -142,3 +146,31 @@ def test_grouped_gate_set_open_and_bad_groups():
     for bad in (0, -8, 2.5, True):
         with pytest.raises(ValueError, match="positive integer"):
             ChannelGate(2, 6, 1, group=bad)
+
+
+def test_hard_mix_is_one_hot_with_the_softmax_gradient():
+    gate = ChannelGate(3, 4, 1, mix="hard")
+    with torch.no_grad():
+        gate.beta.copy_(torch.tensor([[0.0, 2.0, -1.0, 0.0], [1.0, 0.0, -1.0, 0.0], [0.5, 0.0, 3.0, 0.0]]))
+    w = gate.mixing_weights()
+    assert w.tolist() == [[0.0, 1.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]  # ties: first task
+    assert gate.mix_choice().tolist() == [1, 0, 2, 0]
+    g = torch.randn(3, 4)
+    (w * g).sum().backward()
+    soft = torch.softmax(gate.beta.detach(), 0)
+    assert torch.allclose(gate.beta.grad, soft * (g - (soft * g).sum(0, keepdim=True)))
+    gate.set_mix_choice(torch.tensor([2, 2, 0, 1]))
+    assert gate.mix_choice().tolist() == [2, 2, 0, 1]
+    y = torch.randn(4 * 2, 4, 3, 3)
+    gate.alpha.data.fill_(1.0)  # every gate open: the shared slot is a copy of the chosen tasks' channels
+    out, slots = gate(y).reshape(4, 2, 4, 3, 3), y.reshape(4, 2, 4, 3, 3)
+    for c, t in enumerate([2, 2, 0, 1]):
+        assert torch.equal(out[0, :, c], slots[t + 1, :, c])
+    gate.alpha.data[2] = -1.0  # the chosen task's gate closed: the shared slot keeps its own channel
+    out = gate(y).reshape(4, 2, 4, 3, 3)
+    assert torch.equal(out[0, :, :2], slots[0, :, :2])
+    assert torch.equal(out[0, :, 2], slots[1, :, 2]) and torch.equal(out[0, :, 3], slots[2, :, 3])
+    with pytest.raises(ValueError, match="task indices"):
+        gate.set_mix_choice(torch.tensor([3, 0, 0, 0]))
+    with pytest.raises(ValueError, match="mix must be one of soft, hard"):
+        ChannelGate(3, 4, 1, mix="argmax")

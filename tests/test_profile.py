@@ -77,6 +77,22 @@ def test_grouped_convs_are_gated_layers_not_ungated():
     assert [s.flops for s in pg.slots] == [s.flops for s in pl.slots]
 
 
+def test_hard_mix_lean_profile_matches_the_prediction():
+    """A hard mix changes no FLOP (the mix is no multiply-add): the same per-slot FLOPs and totals as the
+    soft mix with the same gates, each equal to fvcore's count and the prediction."""
+    backbone = timm.create_model("resnet18", pretrained=False).eval()
+    profiles = {}
+    for mix in ("soft", "hard"):
+        model = gatedmtl.convert(backbone, T, input_size=SHAPE[1:], mix=mix).eval()
+        set_gates(model, 0.5, torch.Generator().manual_seed(0))
+        lean = gatedmtl.prune(model).eval()
+        pg, pl = profile(model, SHAPE, latency=False), profile(lean, SHAPE, latency=False)
+        assert pl.flops == gatedmtl.count_flops(lean, SHAPE) == pg.predicted_flops == gatedmtl.predict_flops(model, SHAPE)
+        profiles[mix] = pl
+    assert [s.flops for s in profiles["hard"].slots] == [s.flops for s in profiles["soft"].slots]
+    assert profiles["hard"].params == profiles["soft"].params  # the same kept filters
+
+
 def test_table_json_and_compare(resnet, tmp_path):
     *_, (pb, pg, pl) = resnet
     text = pl.table()
@@ -110,6 +126,8 @@ def test_cli(tmp_path, capsys):
     assert set(data) == {"backbone", "gated", "lean"} and data["lean"]["tasks"] == ["seg", "depth"]
     assert data["lean"]["flops"] < data["gated"]["flops"]
     assert "### gated layers" in capsys.readouterr().out
+    assert main(["resnet18", "--tasks", "seg,depth", "--density", "0.5", "--input", "1,3,32,32", "--no-latency",
+                 "--mix", "hard"]) == 0
     assert main(["resnet18", "--density", "2", "--no-latency"]) == 2
     assert main(["no_such_model_xyz", "--no-latency"]) == 2
 

@@ -49,8 +49,8 @@ SLOW = [
 CLOSED_BOUND = {"swin": 1.5, "sequencer_lstm": 2.2}
 
 
-def _check(build, size, closed_bound=1.15):
-    report = verify(build(), T, input_size=size)
+def _check(build, size, closed_bound=1.15, mix="soft"):
+    report = verify(build(), T, input_size=size, mix=mix)
     assert report.gates > 0
     assert report.convert_error <= 1e-5, report
     for pattern, err in report.prune_error.items():
@@ -68,6 +68,40 @@ def _check(build, size, closed_bound=1.15):
 @pytest.mark.parametrize("name,build,size", FAST, ids=[m[0] for m in FAST])
 def test_parity_and_flops(name, build, size):
     _check(build, size, CLOSED_BOUND.get(name, 1.15))
+
+
+HARD = [m for m in FAST if m[0] in ("timm_resnet18", "hrnet_w18_small_v2", "mobilenetv3", "vit", "convnext")]
+
+
+@pytest.mark.parametrize("name,build,size", HARD, ids=[m[0] for m in HARD])
+def test_hard_mix_parity_and_flops(name, build, size):
+    """The hard mix prunes as exactly as the soft one, with the same FLOPs (the mix costs no multiply-add)."""
+    _check(build, size, CLOSED_BOUND.get(name, 1.15), mix="hard")
+
+
+def test_hard_mix_lean_layers_select_channels():
+    """Lean layers of a hard mix hold a channel selection and no mixing weights; where the chosen task's
+    gate is closed, the selection reads the shared slot."""
+    size = (3, 64, 64)
+    model = gatedmtl.convert(timm.create_model("resnet18", pretrained=False), T, input_size=size, mix="hard").eval()
+    perturb_slots(model, generator=torch.Generator().manual_seed(0))
+    set_gates(model, 0.5, torch.Generator().manual_seed(1))
+    lean = gatedmtl.prune(model).eval()
+    layers = dict(lean.lean_layers())
+    assert {m.mix for m in layers.values()} <= {"select", "copy", "shared", "dead"} and "select" in {m.mix for m in layers.values()}
+    for name, gate in zip(model.gate_names, model.gates()):
+        layer = layers[model.backbone.get_submodule(name).producer]
+        assert layer.hard and layer.weights is None and layer.mix_shared is None
+        if layer.mix != "select":
+            continue
+        choice, open_ = gate.mix_choice(), gate.open_mask()
+        src = torch.where(open_[choice, torch.arange(gate.channels)], choice + 1, 0)
+        bounds = torch.tensor([0] + [layer.kept[s] for s in layer.pool_slots]).cumsum(0)
+        slot = torch.tensor(layer.pool_slots)[torch.searchsorted(bounds, layer.mix_index, right=True) - 1]
+        assert torch.equal(slot, src), name
+    x = torch.randn(2, *size)
+    with torch.no_grad():
+        assert relative_error(lean(x), model(x)) == 0.0  # a selection of the same values: bit-exact
 
 
 @pytest.mark.slow

@@ -1,0 +1,134 @@
+"""Soft vs hard shared mix: accuracy of the lean gated model after the same short training.
+
+Trains the gated model twice per seed on the embedded scenes (seg + depth + normals), once with
+``mix="soft"`` (softmax of the mixing logits) and once with ``mix="hard"`` (their one-hot argmax,
+straight-through), with the same seed, data, steps and budget, projects each onto the budget,
+prunes it and evaluates the lean model. ΔMTL (mIoU, depth RMSE, normals mean angle) is given
+against single-task networks (trained here with ``--train-stl``, or read from ``--stl-json``: a
+JSON file with ``{"results": {"single-task (3 networks)": {task: metrics}}}`` from runs with the
+same settings) and hard against soft. Writes ``mix_comparison.md/.csv`` under ``--out``. Usage::
+
+    python benchmarks/mix_comparison.py (--train-stl | --stl-json FILE) [--model resnet18] [--steps 240]
+        [--budget 0.5] [--seeds 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from _report import write_table
+from gatedmtl.tasks import delta_mtl
+from gatedmtl.train import TrainConfig, Trainer, evaluate
+
+TASKS = ("seg", "depth", "normals")
+STL_KEY = "single-task (3 networks)"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--steps", type=int, default=240, help="steps per run (the STL reference in results/mix_comparison_stl.json used 240)")
+    p.add_argument("--budget", default="0.5")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--size", default="64x96")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; each trains a soft and a hard run")
+    p.add_argument("--mixes", default="soft,hard", help="mixes to train per seed (the table needs soft for the "
+                                                         "'vs soft' column)")
+    p.add_argument("--cache", default=None, help="folder of finished runs (<seed>_<mix>.json): runs found there are "
+                                                  "not trained again, new ones are added (lets runs go in parallel)")
+    p.add_argument("--train-stl", action="store_true", help="train the single-task networks here (seed 0)")
+    p.add_argument("--stl-json", default=None, help="single-task metrics of runs with the same settings (see above)")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    a = p.parse_args()
+    if a.train_stl == (a.stl_json is not None):
+        p.error("give one of --train-stl or --stl-json FILE (the single-task reference of the ΔMTL column)")
+    torch.set_num_threads(1)
+    h, w = (int(v) for v in a.size.split("x"))
+    epochs = max(1, a.steps // 48)
+    base = dict(model=a.model, image_size=(h, w), train_length=48 * a.batch, val_length=128, batch_size=a.batch,
+                epochs=epochs, steps_per_epoch=a.steps // epochs, lr=2e-3, progress=False, device="cpu")
+    steps = epochs * (a.steps // epochs)
+    tmp = Path(tempfile.mkdtemp(prefix="gatedmtl-mix-"))
+    if a.train_stl:
+        stl = {}
+        for t in TASKS:
+            tr = Trainer(TrainConfig(**base, tasks=(t,), arch="shared", budget=None, out=str(tmp / f"stl_{t}")))
+            tr.fit()
+            stl[t] = tr.evaluate()[t]
+        stl_note = f"single-task networks trained here ({steps} steps, seed 0)"
+    else:
+        stl = json.loads(Path(a.stl_json).read_text())["results"][STL_KEY]
+        stl_note = f"single-task metrics read from {Path(a.stl_json).name}"
+    rows, results = [], {}
+    tasks = None
+    cache = Path(a.cache) if a.cache else None
+    for seed in (int(s) for s in a.seeds.split(",")):
+        for mix in [m.strip() for m in a.mixes.split(",") if m.strip()]:
+            cached = cache / f"{seed}_{mix}.json" if cache else None
+            if cached is not None and cached.is_file():
+                entry = json.loads(cached.read_text())
+                results[(seed, mix)], row = entry["results"], entry["row"]
+                rows.append(row)
+                tasks = Trainer(TrainConfig(**base, tasks=TASKS, arch="gated", budget=a.budget,
+                                            out=str(tmp / "tasks"))).tasks
+                continue
+            start = time.perf_counter()
+            tr = Trainer(TrainConfig(**base, tasks=TASKS, arch="gated", budget=a.budget, mix=mix, seed=seed,
+                                     out=str(tmp / f"gated_{mix}_{seed}")))
+            tr.fit()
+            trained = tr.evaluate()
+            lean, report = tr.finalize()
+            res = evaluate(lean, tr.val_set, tr.tasks, a.batch)
+            tasks = tr.tasks
+            results[(seed, mix)] = res
+            enc = tr.net.encoder
+            masks = [g.open_mask() for g in enc.gates()]
+            layers = [m for _, m in lean.encoder.lean_layers()]
+            rows.append({"seed": seed, "mix": mix, "steps": steps, "train s": f"{time.perf_counter() - start:.0f}",
+                         "cost before projection / budget": f"{report['before_projection'] / report['requested']:.3f}",
+                         "gates changed by projection": f"{report['changed_gates']} of {report['gates']}",
+                         "open": f"{sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks):.2f}",
+                         "lean GFLOPs": f"{report['landed'] / 1e9:.4f}",
+                         "lean shared mixes": ", ".join(f"{k} {v}" for k, v in sorted(
+                             {x: sum(m.mix == x for m in layers) for x in {m.mix for m in layers}}.items())),
+                         "seg mIoU": f"{res['seg']['miou']:.2f}", "depth RMSE": f"{res['depth']['rmse']:.4f}",
+                         "normals mean°": f"{res['normals']['mean_angle']:.2f}",
+                         "trained (before projection) seg / depth / normals":
+                             f"{trained['seg']['miou']:.2f} / {trained['depth']['rmse']:.4f} / "
+                             f"{trained['normals']['mean_angle']:.2f}"})
+            print(rows[-1], flush=True)
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                cached.write_text(json.dumps({"results": res, "row": rows[-1]}, indent=2))
+    rows.insert(0, {"seed": 0, "mix": "single-task (3 networks)", "steps": steps, "seg mIoU": f"{stl['seg']['miou']:.2f}",
+                    "depth RMSE": f"{stl['depth']['rmse']:.4f}", "normals mean°": f"{stl['normals']['mean_angle']:.2f}"})
+    primary = {t: tasks[t].primary_metric for t in TASKS}
+    hib = {t: tasks[t].higher_is_better for t in TASKS}
+    for row in rows[1:]:
+        res = results[(row["seed"], row["mix"])]
+        row["ΔMTL % vs STL"] = f"{delta_mtl(res, stl, hib, primary):+.2f}"
+        soft = results.get((row["seed"], "soft"))
+        row["ΔMTL % vs soft (same seed)"] = f"{delta_mtl(res, soft, hib, primary):+.2f}" if soft else "-"
+    notes = (f"{a.model} (features_only, random init), {h}x{w} scenes, batch {a.batch}, {steps} steps per run, "
+             f"AdamW lr 2e-3 cosine, balance ew, budget {a.budget} of the full 4-branch encoder; each model is "
+             "projected onto the budget and pruned before evaluation (the lean model's metrics). ΔMTL: one metric "
+             f"per task (mIoU, depth RMSE, normals mean angle), positive = better; STL: {stl_note}. "
+             f"Command: python benchmarks/mix_comparison.py --model {a.model} --steps {a.steps} --budget {a.budget} "
+             f"--seeds {a.seeds}" + (" --train-stl" if a.train_stl else f" --stl-json {Path(a.stl_json).name}")
+             + " (the soft and hard runs of a seed "
+             "may run as separate processes with --mixes soft / --mixes hard and a shared --cache).")
+    cols = ["seed", "mix", "steps", "seg mIoU", "depth RMSE", "normals mean°", "ΔMTL % vs STL",
+            "ΔMTL % vs soft (same seed)", "lean GFLOPs", "open", "cost before projection / budget",
+            "gates changed by projection", "lean shared mixes", "trained (before projection) seg / depth / normals",
+            "train s"]
+    write_table("mix_comparison", "Soft vs hard shared mix on the embedded scenes", notes, rows, cols, out=a.out)
+
+
+if __name__ == "__main__":
+    main()
