@@ -378,10 +378,10 @@ def update_readme(readme: str | Path, folder: str | Path, image_prefix: str = "b
     readme = Path(readme)
     name = json.loads((Path(folder) / "experiment.json").read_text())["experiment"]["name"]
     text = readme.read_text()
-    pattern = re.compile(rf"(<!-- bench:{re.escape(name)} -->\n).*?(\n<!-- /bench:{re.escape(name)} -->)", re.S)
+    pattern = re.compile(rf"(<!-- bench:{re.escape(name)} -->\n)(?:.*?\n)?(<!-- /bench:{re.escape(name)} -->)", re.S)
     if not pattern.search(text):
         raise ValueError(f"{readme} has no <!-- bench:{name} --> ... <!-- /bench:{name} --> block")
-    new = pattern.sub(lambda m: m.group(1) + readme_block(folder, image_prefix) + m.group(2), text)
+    new = pattern.sub(lambda m: m.group(1) + readme_block(folder, image_prefix) + "\n" + m.group(2), text)
     if new != text:
         readme.write_text(new)
     return new != text
