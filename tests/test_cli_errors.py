@@ -122,7 +122,8 @@ def test_nan_stop_without_a_checkpoint_says_so(tmp_path):
 
         def __getitem__(self, i):
             item = dict(train[i])
-            item["depth"] = torch.full_like(item["depth"], float("nan"))
+            # a NaN image (NaN depth targets would be masked as invalid pixels): every prediction is NaN
+            item["image"] = torch.full_like(item["image"], float("nan"))
             return item
 
     with pytest.raises(NonFiniteLossError, match="No checkpoint was written yet"):
