@@ -54,9 +54,13 @@ def test_row_ids_cover_every_method_budget_and_finetune():
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_quick_variant_end_to_end(tmp_path, capsys):
+    import torch
+
+    threads = torch.get_num_threads()
     rc = main(["bench", "scenes", "--quick", "--models", "resnet18", "--results", str(tmp_path / "res"),
                "--report-dir", str(tmp_path / "rep"), "--work", str(tmp_path / "work"), "--no-progress"])
     assert rc == 0, capsys.readouterr().err[-2000:]
+    assert torch.get_num_threads() == threads, "the bench must give the caller's thread count back"
     report = (tmp_path / "rep" / "scenes-quick.md").read_text()
     for m in HARD_SHARING_METHODS:
         assert f"| MTL + {METHOD_NAMES[m]} |" in report, m

@@ -268,14 +268,18 @@ def run_experiment(exp: Experiment, results: str | Path, *, models: Sequence[str
     if exp.needs_root and data_root is None:
         raise ValueError(f"experiment {exp.name!r} reads {exp.data} from disk: give --data-root DIR")
     log = log or (lambda text: tqdm.write(text, file=sys.stderr))
-    torch.set_num_threads(threads)
     out = Path(results) / exp.name
     out.mkdir(parents=True, exist_ok=True)
     meta = {"experiment": exp.to_json(), "torch": torch.__version__, "threads": threads,
             "machine": f"{platform.machine()}, {platform.python_version()}"}
     _write_json(out / "experiment.json", meta)
-    for model in models or exp.models:
-        for seed in seeds if seeds is not None else exp.seeds:
-            _Bench(exp, model, seed, Path(results), Path(work), data_root=data_root, threads=threads, force=force,
-                   progress=progress, log=log).run(rows)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)  # for the run only: the caller's setting comes back afterwards
+    try:
+        for model in models or exp.models:
+            for seed in seeds if seeds is not None else exp.seeds:
+                _Bench(exp, model, seed, Path(results), Path(work), data_root=data_root, threads=threads, force=force,
+                       progress=progress, log=log).run(rows)
+    finally:
+        torch.set_num_threads(previous)
     return out
