@@ -377,16 +377,16 @@ class Trainer:
 
     def _load_lean(self, path: Path) -> MultiTaskNet:
         """The lean network of ``path`` (``config.finetune``, or this run's own checkpoint on resume)."""
-        net, meta = load_network(path)
+        tensors, meta = load_checkpoint(path)
         if meta.get("kind") != "lean":
             raise ValueError(f"{path} is a '{meta.get('kind')}' checkpoint; fine-tuning takes a lean one "
                              f"(gatedmtl prune {path} --out lean.safetensors)")
-        if tuple(meta["tasks"] if "tasks" in meta else meta["config"]["tasks"]) != tuple(self.config.tasks):
-            raise ValueError(f"{path} has tasks {meta['config']['tasks']}, this run {list(self.config.tasks)}")
+        net = _network_from_checkpoint(tensors, meta, path)
+        if net.tasks != tuple(self.config.tasks):
+            raise ValueError(f"{path} has tasks {list(net.tasks)}, this run {list(self.config.tasks)}")
         if tuple(meta["input_size"]) != tuple(self.input_size):
             raise ValueError(f"{path} was pruned for input {meta['input_size']}, the data set gives "
                              f"{list(self.input_size)}")
-        tensors, _ = load_checkpoint(path)
         self.lean_tensors = {k: v for k, v in tensors.items() if k.startswith(("mask.", "mix."))}
         self.lean_meta = {k: meta[k] for k in ("flops", "finetuned_from") if k in meta}
         self.lean_meta.setdefault("finetuned_from", str(path))
@@ -766,6 +766,11 @@ def _net_from_meta(meta: Mapping[str, Any], path: str | Path = "checkpoint") -> 
 def load_network(path: str | Path) -> tuple[MultiTaskNet, dict[str, Any]]:
     """Rebuild a network from a training checkpoint (gated/shared) or a lean one (from :func:`prune_checkpoint`)."""
     tensors, meta = load_checkpoint(path)
+    return _network_from_checkpoint(tensors, meta, path), meta
+
+
+def _network_from_checkpoint(tensors: Mapping[str, Tensor], meta: Mapping[str, Any], path: str | Path) -> MultiTaskNet:
+    """The network that a loaded checkpoint (``load_checkpoint(path)``) describes, in eval mode."""
     if "config" not in meta or "task_spec" not in meta:
         raise CheckpointError(f"{path} is not a gatedmtl training or lean checkpoint")
     net, _, _ = _net_from_meta(meta, path)
@@ -791,7 +796,7 @@ def load_network(path: str | Path) -> tuple[MultiTaskNet, dict[str, Any]]:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path} does not match the network it describes: {e}") from e
-    return net.eval(), meta
+    return net.eval()
 
 
 def prune_checkpoint(path: str | Path, out: str | Path, budget: str | None = None, *, force: bool = False,
