@@ -600,7 +600,13 @@ def _execution_note(model: LeanModel) -> str:
     if len(model.slots) == 1:
         return "one slot computed: the lean model is the plain backbone"
     if model.streams:
-        return "slots run as per-slot streams (no slot split or concat at any layer)"
+        layers = [m for _, m in model.lean_layers()]
+        deferred = sum(m.defer for m in layers)
+        note = "slots run as per-slot streams (no slot split or concat at any layer)"
+        if deferred == len(layers):
+            return note + "; every gated layer's restore is deferred past the channel-wise ops after it"
+        return (note + f"; restores deferred at {deferred} of {len(layers)} gated layers"
+                + (f" (not at the others: {model.deferred_reason})" if model.deferred_reason else ""))
     if model.task_networks is not None:
         return "every gate open: one plain network per task"
     return ("slots run FOLDED on the batch axis at every layer (a split and a concat of the slots per gated layer): "

@@ -7,12 +7,17 @@ The full width is rebuilt per task by one gather from one concat of the layer's 
 (nothing at all where a task keeps every channel or none), and the shared slot's next input is
 the same convex mix of task features as in the gated model.
 
-The lean graph is laid out for ONNX Runtime: per layer one Reshape + Gathers to split the
-slots, the branch convs (conv+BN pairs stay adjacent, so they fold), one Concat, one Gather per
-mixed task, a Mul/Add chain for the shared mix (skipped where the shared slot is dead or every
-task borrows every channel) and one Concat over the slots. Slots that are provably not needed
-are not folded at all (see :func:`computed_slots`): with every gate closed the lean model *is*
-the plain backbone.
+The lean graph is laid out for ONNX Runtime. Normally the computed slots run as per-slot streams
+(:mod:`gatedmtl.streams`: the backbone's code once per slot, no slot split or concat): per gated
+layer the branch convs (conv+BN pairs stay adjacent, so they fold), one Concat of the branch
+outputs, and per partly open task one Gather, left deferred (:mod:`gatedmtl.deferred`) until an
+op needs the full tensor, so that activations after the layer fuse into the branch convs and a
+depthwise layer's input selection composes into the same gather. The shared slot reads a Mul/Add
+mix of the tasks (soft mix; skipped where the shared slot is dead or every task borrows every
+channel) or one more Gather (hard mix). Where the streams cannot run a backbone, the slots are
+folded on the batch axis (one Reshape + Gathers to split them per layer, one Concat to join them).
+Slots that are provably not needed are not computed at all (see :func:`computed_slots`): with
+every gate closed the lean model *is* the plain backbone.
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from .deferred import Deferred, materialize
 from .slots import SlotModule, _batch_dim_in, _merge, iter_tensors
-from .streams import Streams, StreamsError, distinct, merge_streams, split_streams
+from .streams import Streams, StreamsError, distinct, keep_alive_list, merge_streams, split_streams
 from .streams import _count as _count_streams
 from .streams import _pick as _pick_stream
 from .surgery import GatedModel, _parents, conv_group_size
@@ -176,6 +182,7 @@ class LeanGatedLayer(nn.Module):
         self.present = [b is not None for b in branches]
         self.num_slots = len(branches)
         self.slots: tuple[int, ...] = tuple(range(self.num_slots))  # slots on the batch axis, see LeanModel
+        self.defer = False  # as per-slot streams: leave outputs as deferred restores (see forward_deferred)
         self.channel_dim = channel_dim
         self.channels = width
         for s, idx in enumerate(in_index):
@@ -260,22 +267,26 @@ class LeanGatedLayer(nn.Module):
             w = w.reshape((-1,) + (1,) * (like.dim() - 2))
         return w.to(like.dtype)
 
-    def _branch(self, s: int, x: Tensor) -> Tensor:
+    def _branch(self, s: int, x: Tensor | Deferred) -> Tensor:
         idx = getattr(self, f"in_index_{s}")
-        if idx is not None:
+        if idx is not None:  # a deferred input composes this selection with its own gather
             x = x.index_select(1, idx)
-        return self.branches[s](x)
+        return self.branches[s](materialize(x))
 
     def forward(self, x: Tensor | Streams) -> Tensor | Streams:
         if isinstance(x, Streams):  # per-slot streams: no split, no concat of the slots
-            outs = self.forward_slots(x.tensors)
+            outs = self.forward_deferred(x.tensors) if self.defer else self.forward_slots(materialize(x.tensors))
             for i, s in enumerate(self.slots):
                 if not self.present[s] and len(self.slots) > 1:
                     # Slot s computes nothing here and reads another slot's output. Keep its input
-                    # stream an ancestor of its output (an empty slice summed: 0), so that the
+                    # stream an ancestor of the model's output (an empty slice summed: 0), so that the
                     # exported graph computes what the folded model and the FLOP prediction count.
-                    outs[i] = outs[i] + x.tensors[i].narrow(self.channel_dim, 0, 0).sum()
-            return Streams(distinct(outs))
+                    zero = _empty_sum(x.tensors[i], self.channel_dim)
+                    if x.alive is not None:
+                        x.alive.append(zero)
+                    else:
+                        outs[i] = outs[i] + zero
+            return Streams(distinct(outs), x.alive)
         if len(self.slots) == 1:  # one slot computed: its branch has every channel
             return self._branch(self.slots[0], x)
         computed = [i for i, s in enumerate(self.slots) if self.present[s]]
@@ -305,6 +316,45 @@ class LeanGatedLayer(nn.Module):
             else:
                 full.append(pool.index_select(dim, getattr(self, f"restore_{t}")))
         return [self._mixed(outs, pool, full) if s == 0 else full[s - 1] for s in self.slots]
+
+    def forward_deferred(self, inputs: Sequence[Tensor | Deferred]) -> list[Deferred]:
+        """:meth:`forward_slots` with each slot's output left as a :class:`~gatedmtl.deferred.Deferred` restore.
+
+        A task's full width stays "this gather of the branch outputs" until an op needs the
+        tensor itself; channel-wise ops after the layer run on the branch outputs (once each) and
+        a later channel selection composes with the gather. A soft mix reads every task's full
+        width, so a layer with one restores the tasks at once (as :meth:`forward_slots`).
+        """
+        if len(self.slots) == 1:
+            return [Deferred([self._branch(self.slots[0], inputs[0])], None, self.channel_dim)]
+        if self.mix == "mix":
+            return [Deferred([o], None, self.channel_dim) for o in self.forward_slots(materialize(list(inputs)))]
+        outs: list[Tensor | None] = [None] * self.num_slots
+        for i, s in enumerate(self.slots):
+            if self.present[s]:
+                outs[s] = self._branch(s, inputs[i])
+        memo: dict = {}
+        dim = self.channel_dim
+        pool = [outs[s] for s in self.pool_slots]
+        full: list[Deferred] = []
+        for t, src in enumerate(self.sources):
+            if src == "pool":
+                full.append(Deferred(pool, getattr(self, f"restore_{t}"), dim, memo))
+            else:
+                full.append(Deferred([outs[t + 1] if src == "own" else outs[0]], None, dim, memo))
+        result = []
+        for s in self.slots:
+            if s:
+                result.append(full[s - 1])
+            elif self.mix == "shared":
+                result.append(Deferred([outs[0]], None, dim, memo))
+            elif self.mix == "dead":
+                result.append(full[0])
+            elif self.mix == "copy":
+                result.append(Deferred([outs[self.mix_copy]], None, dim, memo))
+            else:  # hard mix: one channel selection from the pool
+                result.append(Deferred(pool, self.mix_index, dim, memo))
+        return result
 
     def _mixed(self, outs: list[Tensor | None], pool: Tensor | None, full: list[Tensor]) -> Tensor:
         shared = outs[0]
@@ -343,7 +393,7 @@ class LeanSlotModule(SlotModule):
         if n is not None:  # per-slot streams: stream i runs copy ``stream_slots[i]``
             slots = getattr(self, "stream_slots", None) or tuple(range(self.num_slots))
             per_slot = [self.slots[s](*_pick_stream(args, i), **_pick_stream(kwargs, i)) for i, s in enumerate(slots)]
-            return merge_streams(per_slot)
+            return merge_streams(per_slot, keep_alive_list((args, kwargs)))
         x = args[0] if len(args) == 1 and not kwargs else None
         if not isinstance(x, Tensor) or x.dim() < 2 or _batch_dim_in(self.slots[0], 0) != 0:
             return super().forward(*args, **kwargs)
@@ -382,6 +432,7 @@ class LeanModel(nn.Module):
         self.task_networks: nn.ModuleList | None = None
         self.streams = False  # run the computed slots as per-slot streams instead of folding them
         self.folded_reason: str | None = None  # why the streams could not run this backbone
+        self.deferred_reason: str | None = None  # why the streams run without deferred restores
 
     @property
     def num_slots(self) -> int:
@@ -409,13 +460,14 @@ class LeanModel(nn.Module):
         k = len(self.slots)
         try:
             if self.streams and k > 1:
-                per_slot = split_streams(self.backbone(Streams([x.clone() for _ in range(k)])), k)
+                alive: list[Tensor] = []
+                out = self.backbone(Streams([x.clone() for _ in range(k)], alive))
+                per_slot = [materialize(o) for o in split_streams(out, k)]
                 result = {t: per_slot[self.slots.index(i + 1)] for i, t in enumerate(self.tasks)}
                 if 0 in self.slots:  # the shared stream's own output reaches no task: keep it computed (a 0)
-                    leaves = list(iter_tensors(per_slot[self.slots.index(0)]))
-                    if leaves:
-                        zero = sum(o.flatten()[:0].sum() for o in leaves)
-                        result[self.tasks[0]] = _add_to_first(result[self.tasks[0]], zero)
+                    alive += [o.flatten()[:0].sum() for o in iter_tensors(per_slot[self.slots.index(0)])]
+                if alive:
+                    result[self.tasks[0]] = _add_to_first(result[self.tasks[0]], sum(alive))
                 return result
             if self.task_networks is not None:
                 return {t: net(x) for t, net in zip(self.tasks, self.task_networks)}
@@ -466,6 +518,19 @@ def _unfold(output: Any, slot: int, num_slots: int) -> Any:
     if isinstance(output, dict):
         return {k: _unfold(v, slot, num_slots) for k, v in output.items()}
     return output
+
+
+def _empty_sum(x: Tensor | Deferred, dim: int) -> Tensor:
+    """A zero scalar computed from ``x``.
+
+    For a deferred restore: an empty gather from its parts' concat (which the other restores of
+    that layer read anyway), so no part needs a layout change of its own in ONNX Runtime.
+    """
+    if isinstance(x, Deferred):
+        if x.index is None:
+            return x.parts[0].narrow(x.axis, 0, 0).sum()
+        return x._select(torch.zeros(0, dtype=torch.long, device=x.device)).full().sum()
+    return x.narrow(dim, 0, 0).sum()
 
 
 def _positions(keep: Tensor, width: int) -> Tensor:
@@ -616,7 +681,7 @@ def prune(model: GatedModel, *, streams: bool = True) -> LeanModel:
     lean_model = LeanModel(backbone, model.tasks, model.input_size, slots)
     lean_model.train(model.training)
     if len(slots) > 1 and streams:
-        lean_model.folded_reason = _try_streams(lean_model)
+        lean_model.folded_reason = _try_streams(lean_model, layers)
         lean_model.streams = lean_model.folded_reason is None
     if len(slots) > 1 and 0 not in slots and not lean_model.streams:  # every gate open: the tasks never meet
         lean_model.set_task_networks(_task_networks(backbone, layers, num_tasks))
@@ -629,24 +694,53 @@ def prune(model: GatedModel, *, streams: bool = True) -> LeanModel:
     return lean_model
 
 
-def _try_streams(lean: LeanModel) -> str | None:
-    """Run ``lean`` once as per-slot streams; ``None`` when that works, else why it cannot."""
-    lean.streams = True
+def _try_streams(lean: LeanModel, layers: Sequence[LeanGatedLayer]) -> str | None:
+    """Run ``lean`` as per-slot streams, with deferred restores if it can; ``None`` when streams work, else why not.
+
+    Both are checked against the folded model on a random input (relative error <= 1e-5): a
+    backbone whose code the streams or the deferred restores cannot map (an ``isinstance``
+    branch, an in-place op whose result is not rebound, ...) runs the slower way that works.
+    The lean layers' ``defer`` flags and :attr:`LeanModel.deferred_reason` record the outcome.
+    """
     was_training = lean.training
     lean.eval()
+    device = next(iter(lean.parameters()), torch.empty(0)).device
+    x = torch.randn((2, *lean.input_size), generator=torch.Generator().manual_seed(0)).to(device)
     try:
-        device = next(iter(lean.parameters()), torch.empty(0)).device
-        x = torch.zeros((1, *lean.input_size), device=device)
         with torch.no_grad():
-            out = lean(x)
-        if _count_streams(out) is not None:
-            return "the backbone returns streams inside an unsupported container"
-        return None
-    except (StreamsError, TypeError, AttributeError, RuntimeError, ValueError, IndexError) as e:
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            reference = list(iter_tensors(lean(x)))  # folded
+        reason = None
+        for defer in (True, False):
+            for layer in layers:
+                layer.defer = defer
+            lean.streams = True
+            try:
+                with torch.no_grad():
+                    out = lean(x)
+                if _count_streams(out) is not None:
+                    raise StreamsError("the backbone returns streams inside an unsupported container")
+                got = list(iter_tensors(out))
+                if len(got) != len(reference) or any(_rel_diff(a, b) > 1e-5 for a, b in zip(got, reference)):
+                    raise StreamsError("its outputs differ from the folded model's")
+                if not defer:
+                    lean.deferred_reason = reason
+                return None
+            except (StreamsError, TypeError, AttributeError, RuntimeError, ValueError, IndexError) as e:
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            finally:
+                lean.streams = False
+        for layer in layers:
+            layer.defer = False
+        return reason
     finally:
-        lean.streams = False
         lean.train(was_training)
+
+
+def _rel_diff(a: Tensor, b: Tensor) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    return float((a - b).abs().max()) / max(scale, 1e-12) if a.numel() else 0.0
 
 
 def _add_to_first(obj: Any, value: Tensor) -> Any:

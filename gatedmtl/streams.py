@@ -19,7 +19,9 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["Streams", "StreamsError", "split_streams", "merge_streams", "distinct"]
+from .deferred import Deferred, call
+
+__all__ = ["Streams", "StreamsError", "split_streams", "merge_streams", "distinct", "keep_alive_list"]
 
 
 class StreamsError(TypeError):
@@ -54,19 +56,39 @@ def _pick(obj: Any, i: int) -> Any:
     return obj
 
 
-def merge_streams(outputs: Sequence[Any]) -> Any:
-    """Per-slot results ``outputs[i]`` -> one result with :class:`Streams` wherever they hold tensors."""
+def merge_streams(outputs: Sequence[Any], alive: list | None = None) -> Any:
+    """Per-slot results ``outputs[i]`` -> one result with :class:`Streams` wherever they hold tensors.
+
+    ``alive``: the forward pass's keep-alive list that the new streams carry (see :class:`Streams`).
+    """
     first = outputs[0]
-    if isinstance(first, Tensor):
-        return Streams(outputs)
-    if isinstance(first, (list, tuple)) and any(isinstance(o, Tensor) for o in first):
-        merged = [merge_streams([o[j] for o in outputs]) for j in range(len(first))]
+    if isinstance(first, (Tensor, Deferred)):
+        return Streams(outputs, alive)
+    if isinstance(first, (list, tuple)) and any(isinstance(o, (Tensor, Deferred)) for o in first):
+        merged = [merge_streams([o[j] for o in outputs], alive) for j in range(len(first))]
         if isinstance(first, list):
             return merged
         return type(first)(*merged) if hasattr(first, "_fields") else tuple(merged)
-    if isinstance(first, dict) and any(isinstance(o, Tensor) for o in first.values()):
-        return {k: merge_streams([o[k] for o in outputs]) for k in first}
+    if isinstance(first, dict) and any(isinstance(o, (Tensor, Deferred)) for o in first.values()):
+        return {k: merge_streams([o[k] for o in outputs], alive) for k in first}
     return first
+
+
+def keep_alive_list(obj: Any) -> list | None:
+    """The keep-alive list carried by the first :class:`Streams` in a (nested) structure."""
+    if isinstance(obj, Streams):
+        return obj.alive
+    if isinstance(obj, (list, tuple)):
+        for o in obj:
+            found = keep_alive_list(o)
+            if found is not None:
+                return found
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            found = keep_alive_list(o)
+            if found is not None:
+                return found
+    return None
 
 
 def distinct(tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -74,7 +96,9 @@ def distinct(tensors: Sequence[Tensor]) -> list[Tensor]:
     seen: set[int] = set()
     out = []
     for t in tensors:
-        out.append(t.clone() if id(t) in seen else t)
+        if id(t) in seen:  # a deferred tensor is never modified in place: a new handle is enough
+            t = Deferred(t.parts, t.index, t.axis, t.memo) if isinstance(t, Deferred) else t.clone()
+        out.append(t)
         seen.add(id(t))
     return out
 
@@ -90,11 +114,16 @@ def _apply(func: Callable, args: tuple, kwargs: dict) -> Any:
         n = _count(kwargs)
     if n is None:
         return func(*args, **kwargs)
-    return merge_streams([func(*_pick(args, i), **_pick(kwargs, i)) for i in range(n)])
+    return merge_streams([call(func, _pick(args, i), _pick(kwargs, i)) for i in range(n)], keep_alive_list((args, kwargs)))
 
 
 class Streams:
     """One tensor per computed slot, mapped together through any torch code.
+
+    ``alive``: a list shared by every stream of one forward pass. A layer where a slot computes
+    nothing appends a zero that depends on that slot's input (see
+    :class:`gatedmtl.prune.LeanGatedLayer`); the model adds them to its output, so the graph keeps
+    computing what the FLOP prediction counts without an op between a convolution and its activation.
 
     The tensors must be distinct objects (backbone code may modify them in place, e.g.
     ``x += shortcut``): see :func:`distinct`.
@@ -103,10 +132,11 @@ class Streams:
     ``torch.cat([s, r], 1)`` ... each give ``Streams`` of the per-slot results.
     """
 
-    __slots__ = ("tensors",)
+    __slots__ = ("tensors", "alive")
 
-    def __init__(self, tensors: Sequence[Tensor]) -> None:
+    def __init__(self, tensors: Sequence[Tensor], alive: list | None = None) -> None:
         object.__setattr__(self, "tensors", list(tensors))
+        object.__setattr__(self, "alive", alive)
 
     @classmethod
     def __torch_function__(cls, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
