@@ -40,8 +40,10 @@ _ELEMENTWISE: set[Callable] = {
     torch.tanh_, torch.Tensor.relu, torch.Tensor.relu_, torch.Tensor.sigmoid, torch.Tensor.sigmoid_,
     torch.Tensor.tanh, torch.Tensor.tanh_, torch.Tensor.clone, torch.Tensor.contiguous, torch.clone,
 }
-_IN_PLACE = {torch.relu_: torch.relu, torch.sigmoid_: torch.sigmoid, torch.tanh_: torch.tanh,
-             torch.Tensor.relu_: torch.relu, torch.Tensor.sigmoid_: torch.sigmoid, torch.Tensor.tanh_: torch.tanh}
+# spellings of one op without further arguments (``inplace`` aside): one memo entry for all of them
+_CANONICAL = {f: torch.relu for f in (F.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_)} | {
+    f: torch.sigmoid for f in (F.sigmoid, torch.sigmoid_, torch.Tensor.sigmoid, torch.Tensor.sigmoid_)} | {
+    f: torch.tanh for f in (F.tanh, torch.tanh_, torch.Tensor.tanh, torch.Tensor.tanh_)}
 # binary ops whose other operand may be a Python number
 _SCALAR_OPS: set[Callable] = {getattr(torch.Tensor, n) for n in (
     "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__", "__rmul__", "__imul__",
@@ -183,8 +185,8 @@ class Deferred:
         if isinstance(x, Deferred):
             rest, plain = args[1:], _is_plain(args[1:]) and _is_plain(kwargs)
             if plain and func in _ELEMENTWISE:
-                op = _IN_PLACE.get(func, func)
-                rest, kw = _not_in_place(op, rest, kwargs)
+                op = _CANONICAL.get(func, func)
+                rest, kw = ((), {}) if func in _CANONICAL else _not_in_place(op, rest, kwargs)
                 return x._map((op, repr(rest), repr(sorted(kw.items()))), lambda p: op(p, *rest, **kw))
             if plain and func is F.dropout and not kwargs.get("training", args[2] if len(args) > 2 else True):
                 return x

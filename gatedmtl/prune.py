@@ -466,8 +466,9 @@ class LeanModel(nn.Module):
                 result = {t: per_slot[self.slots.index(i + 1)] for i, t in enumerate(self.tasks)}
                 if 0 in self.slots:  # the shared stream's own output reaches no task: keep it computed (a 0)
                     alive += [o.flatten()[:0].sum() for o in iter_tensors(per_slot[self.slots.index(0)])]
-                if alive:
-                    result[self.tasks[0]] = _add_to_first(result[self.tasks[0]], sum(alive))
+                if alive:  # (as 0-d tensors: ONNX may keep the reduced dims of an empty sum)
+                    zero = sum(z.reshape(()) for z in alive)
+                    result[self.tasks[0]] = _add_to_first(result[self.tasks[0]], zero)
                 return result
             if self.task_networks is not None:
                 return {t: net(x) for t, net in zip(self.tasks, self.task_networks)}
