@@ -230,7 +230,7 @@ def train_gates(name: str, tasks: tuple[str, ...], group: int, steps: int, epoch
     config = TrainConfig(model=name, tasks=("seg", "depth", "normals")[: len(tasks)], image_size=(64, 96),
                          train_length=steps * 8, val_length=8, budget="0.5", epochs=epochs, steps_per_epoch=steps,
                          batch_size=8, lr=2e-3, gate_lr=0.05, gate_group=group, mix=mix, seed=seed,
-                         out=str(tmp / f"train-{name}"), device="cpu", progress=False)
+                         out=str(tmp / f"train-{name}-{mix}"), device="cpu", progress=False)
     t0 = time.perf_counter()
     trainer = Trainer(config)
     trainer.fit()

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .tensorlike import add_tensor_operators
+
 __all__ = ["Deferred", "materialize", "call"]
 
 # activations and other elementwise ops: f(cat(parts)[idx]) == cat(f(p) for p in parts)[idx]
@@ -306,22 +308,4 @@ def _cat(args: tuple, kwargs: dict) -> Deferred | None:
     return Deferred(parts, torch.cat(indices), first.axis, first.memo)
 
 
-def _dunder(name: str) -> Callable:
-    method = getattr(Tensor, name)
-
-    def op(self: Deferred, *args: Any) -> Any:
-        return Deferred.__torch_function__(method, (Deferred,), (self, *args), {})
-
-    op.__name__ = name
-    return op
-
-
-for _name in ("__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__", "__rmul__", "__imul__",
-              "__truediv__", "__rtruediv__", "__itruediv__", "__floordiv__", "__rfloordiv__", "__mod__", "__pow__",
-              "__rpow__", "__matmul__", "__rmatmul__", "__neg__", "__pos__", "__abs__", "__getitem__", "__setitem__",
-              "__and__", "__or__", "__xor__", "__invert__", "__lt__", "__le__", "__gt__", "__ge__", "__eq__", "__ne__"):
-    setattr(Deferred, _name, _dunder(_name))
-
-Deferred.__hash__ = object.__hash__  # type: ignore[method-assign]
-
-del _name
+add_tensor_operators(Deferred, lambda method, args: Deferred.__torch_function__(method, (Deferred,), args, {}))

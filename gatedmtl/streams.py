@@ -20,6 +20,7 @@ from typing import Any
 from torch import Tensor
 
 from .deferred import Deferred, call
+from .tensorlike import add_tensor_operators
 
 __all__ = ["Streams", "StreamsError", "split_streams", "merge_streams", "distinct", "keep_alive_list"]
 
@@ -171,22 +172,4 @@ class Streams:
         return f"Streams({len(self.tensors)} x {tuple(self.tensors[0].shape)})"
 
 
-def _dunder(name: str) -> Callable:
-    method = getattr(Tensor, name)
-
-    def op(self: Streams, *args: Any) -> Any:
-        return _apply(method, (self, *args), {})
-
-    op.__name__ = name
-    return op
-
-
-for _name in ("__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__", "__rmul__", "__imul__",
-              "__truediv__", "__rtruediv__", "__itruediv__", "__floordiv__", "__rfloordiv__", "__mod__", "__pow__",
-              "__rpow__", "__matmul__", "__rmatmul__", "__neg__", "__pos__", "__abs__", "__getitem__", "__setitem__",
-              "__and__", "__or__", "__xor__", "__invert__", "__lt__", "__le__", "__gt__", "__ge__", "__eq__", "__ne__"):
-    setattr(Streams, _name, _dunder(_name))
-
-Streams.__hash__ = object.__hash__  # type: ignore[method-assign]
-
-del _name
+add_tensor_operators(Streams, lambda method, args: _apply(method, args, {}))
