@@ -175,7 +175,7 @@ class Deferred:
             parts.append(self.memo[k][0])
         return Deferred(parts, self.index, self.axis, self.memo)
 
-    def _select(self, index: Tensor) -> Deferred:
+    def select(self, index: Tensor) -> Deferred:
         """Channels ``index`` (positions in this tensor's channels) of this tensor, deferred."""
         base = self.index if self.index is not None else torch.arange(self.channels, device=index.device)
         return Deferred(self.parts, base.index_select(0, index.to(base.device)), self.axis, self.memo)
@@ -200,7 +200,7 @@ class Deferred:
                 return x._map((func, repr(rest), repr(sorted(kwargs.items()))), lambda p: func(p, *rest, **kwargs))
             select = _channel_selection(func, args, kwargs, x)
             if select is not None:
-                return x._select(select)
+                return x.select(select)
         if func is torch.cat:
             joined = _cat(args, kwargs)
             if joined is not None:

@@ -32,6 +32,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from .deferred import Deferred, materialize
+from .export import relative_error
 from .slots import SlotModule, _batch_dim_in, _merge, iter_tensors
 from .streams import Streams, StreamsError, distinct, keep_alive_list, merge_streams, split_streams
 from .streams import _count as _count_streams
@@ -281,11 +282,7 @@ class LeanGatedLayer(nn.Module):
                     # Slot s computes nothing here and reads another slot's output. Keep its input
                     # stream an ancestor of the model's output (an empty slice summed: 0), so that the
                     # exported graph computes what the folded model and the FLOP prediction count.
-                    zero = _empty_sum(x.tensors[i], self.channel_dim)
-                    if x.alive is not None:
-                        x.alive.append(zero)
-                    else:
-                        outs[i] = outs[i] + zero
+                    x.alive.append(_empty_sum(x.tensors[i], self.channel_dim))
             return Streams(distinct(outs), x.alive)
         if len(self.slots) == 1:  # one slot computed: its branch has every channel
             return self._branch(self.slots[0], x)
@@ -530,7 +527,7 @@ def _empty_sum(x: Tensor | Deferred, dim: int) -> Tensor:
     if isinstance(x, Deferred):
         if x.index is None:
             return x.parts[0].narrow(x.axis, 0, 0).sum()
-        return x._select(torch.zeros(0, dtype=torch.long, device=x.device)).full().sum()
+        return x.select(torch.zeros(0, dtype=torch.long, device=x.device)).full().sum()
     return x.narrow(dim, 0, 0).sum()
 
 
@@ -721,7 +718,8 @@ def _try_streams(lean: LeanModel, layers: Sequence[LeanGatedLayer]) -> str | Non
                 if _count_streams(out) is not None:
                     raise StreamsError("the backbone returns streams inside an unsupported container")
                 got = list(iter_tensors(out))
-                if len(got) != len(reference) or any(_rel_diff(a, b) > 1e-5 for a, b in zip(got, reference)):
+                if len(got) != len(reference) or any(relative_error(a.cpu().numpy(), b.cpu().numpy()) > 1e-5
+                                                     for a, b in zip(got, reference)):
                     raise StreamsError("its outputs differ from the folded model's")
                 if not defer:
                     lean.deferred_reason = reason
@@ -735,13 +733,6 @@ def _try_streams(lean: LeanModel, layers: Sequence[LeanGatedLayer]) -> str | Non
         return reason
     finally:
         lean.train(was_training)
-
-
-def _rel_diff(a: Tensor, b: Tensor) -> float:
-    if a.shape != b.shape:
-        return float("inf")
-    scale = float(b.abs().max()) if b.numel() else 0.0
-    return float((a - b).abs().max()) / max(scale, 1e-12) if a.numel() else 0.0
 
 
 def _add_to_first(obj: Any, value: Tensor) -> Any:

@@ -29,20 +29,22 @@ class StreamsError(TypeError):
     """Backbone code did something that per-slot streams cannot map (e.g. an ``isinstance(x, Tensor)`` branch)."""
 
 
-def _count(obj: Any) -> int | None:
+def _first_streams(obj: Any) -> Streams | None:
+    """The first :class:`Streams` in a (nested) structure of lists, tuples and dicts."""
     if isinstance(obj, Streams):
-        return len(obj.tensors)
-    if isinstance(obj, (list, tuple)):
-        for o in obj:
-            n = _count(o)
-            if n is not None:
-                return n
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            n = _count(o)
-            if n is not None:
-                return n
+        return obj
+    items = obj if isinstance(obj, (list, tuple)) else obj.values() if isinstance(obj, dict) else ()
+    for o in items:
+        found = _first_streams(o)
+        if found is not None:
+            return found
     return None
+
+
+def _count(obj: Any) -> int | None:
+    """How many streams the first :class:`Streams` in ``obj`` holds (``None``: there is none)."""
+    first = _first_streams(obj)
+    return None if first is None else len(first.tensors)
 
 
 def _pick(obj: Any, i: int) -> Any:
@@ -77,19 +79,8 @@ def merge_streams(outputs: Sequence[Any], alive: list | None = None) -> Any:
 
 def keep_alive_list(obj: Any) -> list | None:
     """The keep-alive list carried by the first :class:`Streams` in a (nested) structure."""
-    if isinstance(obj, Streams):
-        return obj.alive
-    if isinstance(obj, (list, tuple)):
-        for o in obj:
-            found = keep_alive_list(o)
-            if found is not None:
-                return found
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            found = keep_alive_list(o)
-            if found is not None:
-                return found
-    return None
+    first = _first_streams(obj)
+    return None if first is None else first.alive
 
 
 def distinct(tensors: Sequence[Tensor]) -> list[Tensor]:
