@@ -184,6 +184,7 @@ class LeanGatedLayer(nn.Module):
         self.num_slots = len(branches)
         self.slots: tuple[int, ...] = tuple(range(self.num_slots))  # slots on the batch axis, see LeanModel
         self.defer = False  # as per-slot streams: leave outputs as deferred restores (see forward_deferred)
+        self.alive_redundant: frozenset[int] = frozenset()  # absent slots whose input the output reads anyway
         self.channel_dim = channel_dim
         self.channels = width
         for s, idx in enumerate(in_index):
@@ -281,8 +282,12 @@ class LeanGatedLayer(nn.Module):
                 if not self.present[s] and len(self.slots) > 1:
                     # Slot s computes nothing here and reads another slot's output. Keep its input
                     # stream an ancestor of the model's output (an empty slice summed: 0), so that the
-                    # exported graph computes what the folded model and the FLOP prediction count.
-                    x.alive.append(_empty_sum(x.tensors[i], self.channel_dim))
+                    # exported graph computes what the folded model and the FLOP prediction count,
+                    # unless the output reads that stream anyway (see _drop_redundant_keep_alives).
+                    if isinstance(x.alive, _KeepAliveProbe):
+                        x.alive.sources.append((self, s, x.tensors[i]))
+                    elif s not in self.alive_redundant:
+                        x.alive.append(_empty_sum(x.tensors[i], self.channel_dim))
             return Streams(distinct(outs), x.alive)
         if len(self.slots) == 1:  # one slot computed: its branch has every channel
             return self._branch(self.slots[0], x)
@@ -430,6 +435,7 @@ class LeanModel(nn.Module):
         self.streams = False  # run the computed slots as per-slot streams instead of folding them
         self.folded_reason: str | None = None  # why the streams could not run this backbone
         self.deferred_reason: str | None = None  # why the streams run without deferred restores
+        self._alive_probe: list | None = None  # set while _drop_redundant_keep_alives probes the streams
 
     @property
     def num_slots(self) -> int:
@@ -457,7 +463,7 @@ class LeanModel(nn.Module):
         k = len(self.slots)
         try:
             if self.streams and k > 1:
-                alive: list[Tensor] = []
+                alive: list[Tensor] = self._alive_probe if self._alive_probe is not None else []
                 out = self.backbone(Streams([x.clone() for _ in range(k)], alive))
                 per_slot = [materialize(o) for o in split_streams(out, k)]
                 result = {t: per_slot[self.slots.index(i + 1)] for i, t in enumerate(self.tasks)}
@@ -689,7 +695,58 @@ def prune(model: GatedModel, *, streams: bool = True) -> LeanModel:
         for layer in layers:
             if layer.mix in ("mix", "select"):
                 layer.set_dead()
+    if lean_model.streams:
+        _drop_redundant_keep_alives(lean_model, layers)
     return lean_model
+
+
+class _KeepAliveProbe(list):
+    """A keep-alive list that records ``(layer, slot, input stream)`` where a layer would add a keep-alive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sources: list[tuple[LeanGatedLayer, int, Tensor | Deferred]] = []
+
+
+def _drop_redundant_keep_alives(lean: LeanModel, layers: Sequence[LeanGatedLayer]) -> None:
+    """Set each layer's ``alive_redundant``: absent slots whose input stream the outputs read anyway.
+
+    One eval forward pass with autograd records every input stream that would get a keep-alive;
+    where the computation that made it (its ``grad_fn``, or every part's for a deferred restore) is
+    an ancestor of the outputs without keep-alives, the keep-alive changes nothing that runs, so it
+    is left out of the graph (an empty slice, a sum and an add each: hundreds of ONNX nodes on
+    hrnet). Anything autograd cannot see (no ``grad_fn``) keeps its keep-alive.
+    """
+    was_training = lean.training
+    lean.eval()
+    device = next(iter(lean.parameters()), torch.empty(0)).device
+    x = torch.randn((1, *lean.input_size), generator=torch.Generator().manual_seed(0)).to(device)
+    for layer in layers:
+        layer.alive_redundant = frozenset()
+    probe = _KeepAliveProbe()
+    lean._alive_probe = probe
+    try:
+        with torch.enable_grad():
+            out = lean(x.requires_grad_(True))
+    finally:
+        lean._alive_probe = None
+        lean.train(was_training)
+    reached: set = set()
+    todo = [t.grad_fn for t in iter_tensors(out) if t.grad_fn is not None]
+    while todo:
+        fn = todo.pop()
+        if fn not in reached:
+            reached.add(fn)
+            todo.extend(f for f, _ in fn.next_functions if f is not None)
+    asked: dict[LeanGatedLayer, set[int]] = {}
+    needed: dict[LeanGatedLayer, set[int]] = {}
+    for layer, slot, source in probe.sources:
+        asked.setdefault(layer, set()).add(slot)
+        parts = source.parts if isinstance(source, Deferred) else [source]
+        if not all(p.grad_fn is not None and p.grad_fn in reached for p in parts):
+            needed.setdefault(layer, set()).add(slot)
+    for layer, slots in asked.items():
+        layer.alive_redundant = frozenset(slots - needed.get(layer, set()))
 
 
 def _try_streams(lean: LeanModel, layers: Sequence[LeanGatedLayer]) -> str | None:
