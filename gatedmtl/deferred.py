@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .slots import iter_leaves
 from .tensorlike import add_tensor_operators
 
 __all__ = ["Deferred", "materialize", "call"]
@@ -58,13 +59,7 @@ _POOLS_2D: set[Callable] = {F.max_pool2d, F.avg_pool2d}
 
 def _is_plain(value: Any) -> bool:
     """A non-tensor argument (number, bool, string, None, tuple of ints)."""
-    if isinstance(value, (Tensor, Deferred)):
-        return False
-    if isinstance(value, (list, tuple)):
-        return all(_is_plain(v) for v in value)
-    if isinstance(value, dict):
-        return all(_is_plain(v) for v in value.values())
-    return True
+    return not any(isinstance(v, (Tensor, Deferred)) for v in iter_leaves(value))
 
 
 def materialize(obj: Any) -> Any:
@@ -82,13 +77,7 @@ def materialize(obj: Any) -> Any:
 
 
 def _has_deferred(obj: Any) -> bool:
-    if isinstance(obj, Deferred):
-        return True
-    if isinstance(obj, (list, tuple)):
-        return any(_has_deferred(o) for o in obj)
-    if isinstance(obj, dict):
-        return any(_has_deferred(o) for o in obj.values())
-    return False
+    return any(isinstance(o, Deferred) for o in iter_leaves(obj))
 
 
 class Deferred:

@@ -696,7 +696,7 @@ def prune(model: GatedModel, *, streams: bool = True) -> LeanModel:
             if layer.mix in ("mix", "select"):
                 layer.set_dead()
     if lean_model.streams:
-        _drop_redundant_keep_alives(lean_model, layers)
+        _drop_redundant_keep_alives(lean_model)
     return lean_model
 
 
@@ -708,7 +708,13 @@ class _KeepAliveProbe(list):
         self.sources: list[tuple[LeanGatedLayer, int, Tensor | Deferred]] = []
 
 
-def _drop_redundant_keep_alives(lean: LeanModel, layers: Sequence[LeanGatedLayer]) -> None:
+def _probe_input(lean: LeanModel, batch: int) -> Tensor:
+    """A fixed random input ``[batch, *input_size]`` on the lean model's device, for checks at prune time."""
+    device = next(iter(lean.parameters()), torch.empty(0)).device
+    return torch.randn((batch, *lean.input_size), generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def _drop_redundant_keep_alives(lean: LeanModel) -> None:
     """Set each layer's ``alive_redundant``: absent slots whose input stream the outputs read anyway.
 
     One eval forward pass with autograd records every input stream that would get a keep-alive;
@@ -719,10 +725,7 @@ def _drop_redundant_keep_alives(lean: LeanModel, layers: Sequence[LeanGatedLayer
     """
     was_training = lean.training
     lean.eval()
-    device = next(iter(lean.parameters()), torch.empty(0)).device
-    x = torch.randn((1, *lean.input_size), generator=torch.Generator().manual_seed(0)).to(device)
-    for layer in layers:
-        layer.alive_redundant = frozenset()
+    x = _probe_input(lean, 1)
     probe = _KeepAliveProbe()
     lean._alive_probe = probe
     try:
@@ -759,8 +762,7 @@ def _try_streams(lean: LeanModel, layers: Sequence[LeanGatedLayer]) -> str | Non
     """
     was_training = lean.training
     lean.eval()
-    device = next(iter(lean.parameters()), torch.empty(0)).device
-    x = torch.randn((2, *lean.input_size), generator=torch.Generator().manual_seed(0)).to(device)
+    x = _probe_input(lean, 2)
     try:
         with torch.no_grad():
             reference = list(iter_tensors(lean(x)))  # folded

@@ -41,16 +41,21 @@ def unfold_slot(output: Any, slot: int, num_slots: int) -> Any:
     return output
 
 
-def iter_tensors(obj: Any) -> Iterator[Tensor]:
-    """All tensors in a nested structure of lists, tuples and dicts."""
-    if isinstance(obj, Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
+def iter_leaves(obj: Any) -> Iterator[Any]:
+    """Everything but the lists, tuples and dicts of a nested structure (dicts: their values)."""
+    if isinstance(obj, (list, tuple)):
         for o in obj:
-            yield from iter_tensors(o)
+            yield from iter_leaves(o)
     elif isinstance(obj, dict):
         for o in obj.values():
-            yield from iter_tensors(o)
+            yield from iter_leaves(o)
+    else:
+        yield obj
+
+
+def iter_tensors(obj: Any) -> Iterator[Tensor]:
+    """All tensors in a nested structure of lists, tuples and dicts."""
+    return (o for o in iter_leaves(obj) if isinstance(o, Tensor))
 
 
 def own_tensors(module: nn.Module) -> list[Tensor]:
