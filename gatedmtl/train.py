@@ -47,7 +47,7 @@ from .surgery import GatedModel
 
 __all__ = ["TrainConfig", "Trainer", "evaluate", "NonFiniteLossError", "load_network", "prune_checkpoint", "ProjectionWarning",
            "init_distributed", "finalize", "save_lean", "resume_config", "finetune_config", "RESUME_OVERRIDES", "FINETUNE_OPTIONS",
-           "RUN_FILES"]
+           "RUN_FILES", "dataset_task_spec", "dataset_image_size"]
 
 RUN_FILES = ("last.safetensors", "prev.safetensors", "last.json", "log.jsonl", "summary.json")
 """Files a training run writes into its ``out`` folder."""
@@ -264,7 +264,8 @@ def make_datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
     return create_dataset(config.data, split="train", **kw), create_dataset(config.data, split="val", **kw)
 
 
-def _task_spec(dataset: Dataset, tasks: Sequence[str]) -> dict[str, dict[str, Any]]:
+def dataset_task_spec(dataset: Dataset, tasks: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``{task: create_task kwargs}`` for ``tasks`` (in that order) from ``dataset.tasks``."""
     spec = getattr(dataset, "tasks", None)
     if not isinstance(spec, Mapping):
         raise TypeError("the data set must expose a .tasks mapping of task name -> create_task kwargs")
@@ -274,7 +275,8 @@ def _task_spec(dataset: Dataset, tasks: Sequence[str]) -> dict[str, dict[str, An
     return {t: dict(spec[t]) for t in tasks}
 
 
-def _image_size(dataset: Dataset) -> tuple[int, int, int]:
+def dataset_image_size(dataset: Dataset) -> tuple[int, int, int]:
+    """``(C, H, W)`` of the data set's first image."""
     sample = dataset[0]
     return tuple(int(v) for v in sample["image"].shape)
 
@@ -341,8 +343,8 @@ class Trainer:
                                       "or choose another --out")
         torch.manual_seed(config.seed)
         self.train_set, self.val_set = datasets or make_datasets(config)
-        self.task_spec = _task_spec(self.train_set, config.tasks)
-        self.input_size = _image_size(self.train_set)
+        self.task_spec = dataset_task_spec(self.train_set, config.tasks)
+        self.input_size = dataset_image_size(self.train_set)
         self.tasks = tasks_from_spec(self.task_spec)
         self.lean_tensors: dict[str, Tensor] = {}  # gate masks of a fine-tuned lean network
         self.lean_meta: dict[str, Any] = {}

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import timm
 import torch
 import torchvision
+from timm.layers import StdConv2d
+from timm.models.resnetv2 import ResNetV2
 from torch import nn
 
 import gatedmtl
@@ -39,7 +43,10 @@ SLOW = [
     ("poolformer", lambda: timm.create_model("poolformer_s12", pretrained=False), (3, 64, 64)),
     ("fastvit", lambda: timm.create_model("fastvit_t8", pretrained=False), (3, 64, 64)),
     ("sequencer_lstm", lambda: timm.create_model("sequencer2d_s", pretrained=False, layers=(1, 1, 1, 1)), (3, 64, 64)),
-    ("resnetv2_stdconv", lambda: timm.create_model("resnetv2_50x1_bit", pretrained=False, layers=(1, 1, 1, 1)), (3, 64, 64)),
+    # the BiT ResNetV2 (weight-standardised convs, GroupNorm) at one block per stage; resnetv2_50x1_bit
+    # fixes layers=(3, 4, 6, 3) itself, so the class is built directly with the BiT stem and conv
+    ("resnetv2_stdconv", lambda: ResNetV2(layers=(1, 1, 1, 1), stem_type="fixed",
+                                          conv_layer=partial(StdConv2d, eps=1e-8)), (3, 64, 64)),
     ("efficientvit", lambda: timm.create_model("efficientvit_m0", pretrained=False), (3, 224, 224)),
 ]
 

@@ -34,7 +34,8 @@ from ..files import replace_file, temp_path
 from ..profile import measure_timing
 from ..tasks import delta_mtl
 from ..network import tasks_from_spec
-from ..train import Trainer, TrainConfig, _image_size, _task_spec, finetune_config, make_datasets, save_lean
+from ..train import (Trainer, TrainConfig, dataset_image_size, dataset_task_spec, finetune_config, make_datasets,
+                     save_lean)
 from .experiments import Experiment
 
 __all__ = ["run_experiment", "row_ids", "result_dir", "best_method", "stl_metrics"]
@@ -191,8 +192,8 @@ class _Bench:
     def run(self, rows: Sequence[str] | None) -> None:
         e = self.exp
         self.datasets = make_datasets(self.config("_data"))  # every row reads the same samples
-        self.input_size = _image_size(self.datasets[0])
-        tasks = tasks_from_spec(_task_spec(self.datasets[0], e.tasks))
+        self.input_size = dataset_image_size(self.datasets[0])
+        tasks = tasks_from_spec(dataset_task_spec(self.datasets[0], e.tasks))
         self.directions = {t: tasks[t].higher_is_better for t in e.tasks}
         self.primary = {t: tasks[t].primary_metric for t in e.tasks}
         wanted = lambda row: rows is None or any(row == r or row.startswith(r) for r in rows)  # noqa: E731
