@@ -102,13 +102,28 @@ class Deferred:
     # -- the tensor it stands for ------------------------------------------------------------
 
     def full(self) -> Tensor:
-        """The restored tensor: one concat per set of parts (shared) and one gather."""
+        """The restored tensor: one concat per set of parts (shared) and one gather.
+
+        An index that reads exactly one part, whole and in order, is that part (no concat, no gather).
+        """
         if self._full is None:
             if self.index is None:
                 self._full = self.parts[0]
             else:
-                self._full = self._pool().index_select(self.axis, self.index)
+                whole = self._whole_part()
+                self._full = whole if whole is not None else self._pool().index_select(self.axis, self.index)
         return self._full
+
+    def _whole_part(self) -> Tensor | None:
+        """The part that ``index`` reads whole and in order, if it reads exactly one."""
+        n = int(self.index.numel())
+        offset = 0
+        for p in self.parts:
+            width = int(p.shape[self.axis])
+            if width == n and torch.equal(self.index, torch.arange(offset, offset + n, device=self.index.device)):
+                return p
+            offset += width
+        return None
 
     def _pool(self) -> Tensor:
         if len(self.parts) == 1:

@@ -79,6 +79,20 @@ def test_channel_selections_and_concats_compose_into_one_gather(parts):
     assert torch.equal(materialize(joined), torch.cat([_full(a, b, index), extra, materialize(sel)], 1))
 
 
+def test_a_selection_of_one_whole_part_is_that_part_without_a_gather(parts):
+    a, b, _ = parts
+    d = Deferred([a, b], torch.tensor([6, 3, 0, 4, 7, 5, 1]), 1)
+    whole_b = d.select(torch.tensor([1, 3, 5, 0, 4]))  # channels 3..7 of cat([a, b]): exactly b, in order
+    assert materialize(whole_b) is b
+    assert materialize(Deferred([a, b], torch.arange(3), 1)) is a
+    # b's channels out of order, or b with one of a's: gathered, equal to the restored tensor
+    shuffled = Deferred([a, b], torch.tensor([4, 3, 5, 6, 7]), 1)
+    mixed = Deferred([a, b], torch.tensor([2, 3, 4, 5, 6]), 1)
+    for x in (shuffled, mixed):
+        assert materialize(x) is not b
+        assert torch.equal(materialize(x), torch.cat([a, b], 1)[:, x.index])
+
+
 def test_other_ops_get_the_restored_tensor(parts):
     a, b, index = parts
     d = Deferred([a, b], index, 1)
