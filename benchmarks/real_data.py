@@ -41,7 +41,7 @@ from gatedmtl import balancing
 from gatedmtl.cost import count_flops
 from gatedmtl.data import create_dataset
 from gatedmtl.tasks import delta_mtl
-from gatedmtl.train import ProjectionWarning, TrainConfig, Trainer, evaluate
+from gatedmtl.train import ProjectionWarning, TrainConfig, Trainer, dataset_image_size, evaluate
 
 MODELS = ("resnet18", "mobilenetv3_large_100")
 SETS: dict[str, dict[str, Any]] = {
@@ -82,7 +82,7 @@ def run_set(name: str, model: str, a: argparse.Namespace, tmp: Path) -> list[dic
     """All rows of one data set and backbone, as CSV dicts."""
     tasks = SETS[name]["tasks"]
     data = datasets(name, a)
-    size = tuple(data[0][0]["image"].shape)
+    size = dataset_image_size(data[0])
     hib: dict[str, bool] = {}
     primary = {t: COLUMNS[t][0] for t in tasks}
     runs: list[dict[str, Any]] = []  # method, results, flops, seconds, extra notes
