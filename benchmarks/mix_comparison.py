@@ -1,15 +1,16 @@
-"""Soft vs hard shared mix: accuracy of the lean gated model after the same short training.
+"""Soft, hard and annealed shared mix: accuracy of the lean gated model after the same short training.
 
-Trains the gated model twice per seed on the embedded scenes (seg + depth + normals), once with
-``mix="soft"`` (softmax of the mixing logits) and once with ``mix="hard"`` (their one-hot argmax,
-straight-through), with the same seed, data, steps and budget, projects each onto the budget,
-prunes it and evaluates the lean model. ΔMTL (mIoU, depth RMSE, normals mean angle) is given
+Trains the gated model once per mix and seed on the embedded scenes (seg + depth + normals):
+``mix="soft"`` (softmax of the mixing logits), ``mix="hard"`` (their one-hot argmax,
+straight-through) and ``mix="anneal"`` (soft, its temperature lowered from 1 to 0.01 between
+``--mix-anneal`` START and END of the training, then hard), with the same seed, data, steps and
+budget, projects each onto the budget, prunes it and evaluates the lean model. ΔMTL (mIoU, depth RMSE, normals mean angle) is given
 against single-task networks (trained here with ``--train-stl``, or read from ``--stl-json``: a
 JSON file with ``{"results": {"single-task (3 networks)": {task: metrics}}}`` from runs with the
-same settings) and hard against soft. Writes ``mix_comparison.md/.csv`` under ``--out``. Usage::
+same settings) and every mix against soft. Writes ``mix_comparison.md/.csv`` under ``--out``. Usage::
 
     python benchmarks/mix_comparison.py (--train-stl | --stl-json FILE) [--model resnet18] [--steps 240]
-        [--budget 0.5] [--seeds 0]
+        [--budget 0.5] [--seeds 0] [--mixes soft,hard,anneal] [--mix-anneal 0.5,0.9]
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ def main() -> None:
     p.add_argument("--budget", default="0.5")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", default="64x96")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds; each trains a soft and a hard run")
-    p.add_argument("--mixes", default="soft,hard", help="mixes to train per seed (the table needs soft for the "
-                                                         "'vs soft' column)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; each trains one run per mix")
+    p.add_argument("--mixes", default="soft,hard,anneal", help="mixes to train per seed (the table needs soft for "
+                                                                "the 'vs soft' column)")
+    p.add_argument("--mix-anneal", default="0.5,0.9", help="START,END of mix=anneal, fractions of the steps")
     p.add_argument("--cache", default=None, help="folder of finished runs (<seed>_<mix>.json): runs found there are "
                                                   "not trained again, new ones are added (lets runs go in parallel)")
     p.add_argument("--train-stl", action="store_true", help="train the single-task networks here (seed 0)")
@@ -54,6 +56,7 @@ def main() -> None:
     base = dict(model=a.model, image_size=(h, w), train_length=48 * a.batch, val_length=128, batch_size=a.batch,
                 epochs=epochs, steps_per_epoch=a.steps // epochs, lr=2e-3, progress=False, device="cpu")
     steps = epochs * (a.steps // epochs)
+    anneal = tuple(float(v) for v in a.mix_anneal.split(","))
     tmp = Path(tempfile.mkdtemp(prefix="gatedmtl-mix-"))
     if a.train_stl:
         stl = {}
@@ -80,7 +83,7 @@ def main() -> None:
                 continue
             start = time.perf_counter()
             tr = Trainer(TrainConfig(**base, tasks=TASKS, arch="gated", budget=a.budget, mix=mix, seed=seed,
-                                     out=str(tmp / f"gated_{mix}_{seed}")))
+                                     mix_anneal=anneal, out=str(tmp / f"gated_{mix}_{seed}")))
             tr.fit()
             trained = tr.evaluate()
             lean, report = tr.finalize()
@@ -120,14 +123,15 @@ def main() -> None:
              "projected onto the budget and pruned before evaluation (the lean model's metrics). ΔMTL: one metric "
              f"per task (mIoU, depth RMSE, normals mean angle), positive = better; STL: {stl_note}. "
              f"Command: python benchmarks/mix_comparison.py --model {a.model} --steps {a.steps} --budget {a.budget} "
-             f"--seeds {a.seeds}" + (" --train-stl" if a.train_stl else f" --stl-json {Path(a.stl_json).name}")
-             + " (the soft and hard runs of a seed "
-             "may run as separate processes with --mixes soft / --mixes hard and a shared --cache).")
+             f"--seeds {a.seeds} --mixes {a.mixes} --mix-anneal {a.mix_anneal}"
+             + (" --train-stl" if a.train_stl else f" --stl-json {Path(a.stl_json).name}")
+             + " (the runs of a seed may run as separate processes, one --mixes each, with a shared --cache).")
     cols = ["seed", "mix", "steps", "seg mIoU", "depth RMSE", "normals mean°", "ΔMTL % vs STL",
             "ΔMTL % vs soft (same seed)", "lean GFLOPs", "open", "cost before projection / budget",
             "gates changed by projection", "lean shared mixes", "trained (before projection) seg / depth / normals",
             "train s"]
-    write_table("mix_comparison", "Soft vs hard shared mix on the embedded scenes", notes, rows, cols, out=a.out)
+    write_table("mix_comparison", "Soft, hard and annealed shared mix on the embedded scenes", notes, rows, cols,
+                out=a.out)
 
 
 if __name__ == "__main__":

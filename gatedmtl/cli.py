@@ -39,6 +39,14 @@ def _size(text: str) -> tuple[int, ...]:
         raise ValueError(f"expected a size like 96x128 or 1,3,96,128, got {text!r}") from None
 
 
+def _fractions(text: str, what: str) -> tuple[float, float]:
+    try:
+        start, end = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{what} expects two fractions START,END such as 0.5,0.9, got {text!r}") from None
+    return start, end
+
+
 _HELP = argparse.ArgumentDefaultsHelpFormatter
 _FLOPS = "FLOPs are fvcore's count: one multiply-add = one FLOP (what timm and most papers call MACs)"
 
@@ -82,10 +90,14 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--gate-group", type=int, default=16,
                    help="channels decided by one gate (e.g. 8 or 16: lean layers keep multiples of it, "
                         "which vectorised CPU kernels run faster)")
-    p.add_argument("--mix", default="soft", choices=["soft", "hard"],
-                   help="how the shared branch reads the task features: soft (softmax of the mixing logits) or hard "
+    p.add_argument("--mix", default="soft", choices=["soft", "hard", "anneal"],
+                   help="how the shared branch reads the task features: soft (softmax of the mixing logits), hard "
                         "(their one-hot argmax, straight-through: the lean model's shared branch takes one channel "
-                        "selection per layer instead of a weighted sum)")
+                        "selection per layer instead of a weighted sum) or anneal (soft, its temperature lowered "
+                        "over --mix-anneal, then hard: a hard-mix lean model)")
+    p.add_argument("--mix-anneal", default="0.5,0.9",
+                   help="with --mix anneal: START,END fractions of the training steps; soft until START, the "
+                        "temperature falls from 1 to 0.01 until END, hard after END")
     p.add_argument("--tau", default="", help="GatedMTL's per-task targets (fraction of task-specific channels), "
                                              "e.g. seg=0.3,depth=0.5")
     p.add_argument("--balance", default="ew", help="loss-balancing strategy ('list' prints them)")
@@ -126,7 +138,8 @@ def _config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
         gate_lr=args.gate_lr, weight_decay=args.weight_decay, schedule=args.schedule,
         grad_clip=args.grad_clip or None, lambda_s=args.lambda_s, sparsity_warmup=args.sparsity_warmup,
-        init_logit=args.init_logit, gate_group=args.gate_group, mix=args.mix, budget_mode=args.budget_mode,
+        init_logit=args.init_logit, gate_group=args.gate_group, mix=args.mix,
+        mix_anneal=_fractions(args.mix_anneal, "--mix-anneal"), budget_mode=args.budget_mode,
         tau={k: float(v) for k, v in _kv(args.tau, "--tau").items()}, balance=args.balance,
         balance_options={k: _value(v) for k, v in _kv(args.balance_opt, "--balance-opt").items()},
         seed=args.seed, out=args.out, checkpoint=args.checkpoint, partial_checkpoint=args.partial_checkpoint,

@@ -20,6 +20,11 @@ input is a pure channel selection (one gather, no multiply-add), channel ``c`` t
 ``argmax beta[:, c]`` where that task's gate is open and from the shared slot where it is closed.
 Ties (``beta`` starts at zero) go to the first task.
 
+**Temperature.** The soft mix reads ``softmax_t(beta / temperature)``; ``temperature`` is a plain
+attribute (1 by default, not saved with the weights). Training with ``mix="anneal"``
+(:class:`gatedmtl.train.MixAnneal`) lowers it towards zero and then switches the gate to the hard
+mix, so that the shared slot first learns from a convex mix and ends on a channel selection.
+
 With ``group > 1`` one gate logit decides ``group`` consecutive channels, so every lean layer
 keeps a multiple of ``group`` filters per slot (widths that vectorised CPU kernels such as ONNX
 Runtime's NCHWc convolutions run without padding).
@@ -60,6 +65,7 @@ class ChannelGate(nn.Module):
         beta: ``[T, C]`` mixing logits; the shared slot reads ``softmax(beta, dim=0)``
             (``mix_mode="soft"``) or its one-hot argmax (``"hard"``), see :meth:`mixing_weights`.
         mix_mode: ``"soft"`` or ``"hard"`` (module docstring).
+        temperature: divides ``beta`` in the soft mix (module docstring); positive, 1 by default.
         cost: ``[C]`` MACs of one channel of one slot for one sample (filter + fused norm),
             filled by :func:`gatedmtl.cost.analyze` at a given input size.
     """
@@ -73,6 +79,7 @@ class ChannelGate(nn.Module):
             raise ValueError(f"channel_dim must be 1 or -1, got {channel_dim}")
         check_group(group)
         self.mix_mode = check_mix(mix)
+        self.temperature = 1.0
         self.num_tasks = num_tasks
         self.channels = channels
         self.channel_dim = channel_dim
@@ -124,12 +131,27 @@ class ChannelGate(nn.Module):
     def mixing_weights(self) -> Tensor:
         """``[T, C]`` convex weights with which the shared slot reads the task features.
 
-        ``softmax(beta)`` (soft mix) or ``onehot(argmax beta)`` with the softmax's gradient (hard mix).
+        ``softmax(beta / temperature)`` (soft mix) or ``onehot(argmax beta)`` with the softmax's
+        gradient (hard mix).
         """
-        soft = torch.softmax(self.beta, dim=0)
         if self.mix_mode == "soft":
-            return soft
+            return torch.softmax(self.mix_logits(), dim=0)
+        soft = torch.softmax(self.beta, dim=0)
         return _one_hot(self.beta).to(soft.dtype) + (soft - soft.detach())
+
+    def mix_logits(self) -> Tensor:
+        """``[T, C]`` the logits whose softmax the soft mix reads: ``beta / temperature``."""
+        if self.mix_mode == "hard" or self.temperature == 1.0:
+            return self.beta
+        return self.beta / self.temperature
+
+    def set_mix_state(self, mode: str, temperature: float = 1.0) -> None:
+        """Switch the mix (``"soft"`` / ``"hard"``) and the soft mix's temperature (> 0)."""
+        mode = check_mix(mode)
+        temperature = float(temperature)
+        if not temperature > 0 or temperature == float("inf"):
+            raise ValueError(f"gate '{self.name}': the mix temperature must be positive and finite, got {temperature}")
+        self.mix_mode, self.temperature = mode, temperature
 
     def mix_choice(self) -> Tensor:
         """``[C]`` the task that the hard mix reads per channel (``argmax`` of ``beta``, ties: the first)."""
@@ -166,11 +188,14 @@ class ChannelGate(nn.Module):
         if slots[0].shape[self.channel_dim] != self.channels:
             raise ValueError(f"gate '{self.name}': expected {self.channels} channels on dim {self.channel_dim}, "
                              f"got {tuple(slots[0].shape)}")
-        return _GateMix.apply(self.channel_logits(), self.beta, self.channel_dim, self.mix_mode == "hard", *slots)
+        return _GateMix.apply(self.channel_logits(), self.mix_logits(), self.channel_dim, self.mix_mode == "hard",
+                              *slots)
 
     def extra_repr(self) -> str:
         group = f", group={self.group}" if self.group != 1 else ""
         mix = f", mix={self.mix_mode!r}" if self.mix_mode != "soft" else ""
+        if self.mix_mode == "soft" and self.temperature != 1.0:
+            mix += f", temperature={self.temperature:g}"
         return f"tasks={self.num_tasks}, channels={self.channels}, channel_dim={self.channel_dim}{group}{mix}"
 
 

@@ -39,7 +39,7 @@ from .files import check_not_special, check_output, remove_stale_temps
 from .cost import count_flops, expected_flops, predict_flops
 from .data import create_dataset, dataset_tasks
 from .network import MultiTaskNet, build_backbone, build_network, tasks_from_spec
-from .gates import DEFAULT_GATE_GROUP, ChannelGate, check_group, check_mix
+from .gates import DEFAULT_GATE_GROUP, MIX_MODES, ChannelGate, check_group, check_mix
 from .parallel import all_reduce_mean_, average_running_stats, broadcast_state, global_losses, init_distributed
 from .parallel import dist_info as _dist_info
 from .parallel import unreached_parameters
@@ -47,7 +47,8 @@ from .surgery import GatedModel
 
 __all__ = ["TrainConfig", "Trainer", "evaluate", "NonFiniteLossError", "load_network", "prune_checkpoint", "ProjectionWarning",
            "init_distributed", "finalize", "save_lean", "resume_config", "finetune_config", "RESUME_OVERRIDES", "FINETUNE_OPTIONS",
-           "RUN_FILES", "dataset_task_spec", "dataset_image_size"]
+           "RUN_FILES", "dataset_task_spec", "dataset_image_size", "MixAnneal", "TRAIN_MIXES",
+           "set_mix_state"]
 
 RUN_FILES = ("last.safetensors", "prev.safetensors", "last.json", "log.jsonl", "summary.json")
 """Files a training run writes into its ``out`` folder."""
@@ -93,7 +94,9 @@ class TrainConfig:
     sparsity_warmup: int = 0  # epochs without the sparsity term
     init_logit: float = 1.0
     gate_group: int = DEFAULT_GATE_GROUP  # channels per gate logit (lean widths become multiples of it)
-    mix: str = "soft"  # shared-slot mix: "soft" (softmax of beta) or "hard" (straight-through one-hot argmax)
+    mix: str = "soft"  # shared-slot mix: "soft" (softmax of beta), "hard" (straight-through one-hot argmax) or
+    # "anneal" (soft, its temperature lowered over mix_anneal, then hard: see MixAnneal)
+    mix_anneal: tuple[float, float] = (0.5, 0.9)  # fractions of the training steps (mix="anneal")
     tau: dict[str, float] = field(default_factory=dict)
     lambda_tau: float = 1.0
     balance: str = "ew"
@@ -134,7 +137,10 @@ class TrainConfig:
         if self.arch == "shared" and (self.tau or self.init_task_weights):
             raise ValueError("--tau and --init-task-weights need the gated arch")
         check_group(self.gate_group)
-        check_mix(self.mix)
+        if self.mix not in TRAIN_MIXES:
+            raise ValueError(f"mix must be one of {', '.join(TRAIN_MIXES)} (how the shared slot reads the task "
+                             f"features), got {self.mix!r}")
+        MixAnneal(*self.mix_anneal, total_steps=1)  # validates the fractions
         if self.budget_mode not in ("max", "target"):
             raise ValueError(f"budget_mode must be 'max' or 'target', got {self.budget_mode!r}")
 
@@ -145,7 +151,7 @@ class TrainConfig:
     def from_json(cls, data: Mapping[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
-        for key in ("tasks", "image_size"):
+        for key in ("tasks", "image_size", "mix_anneal"):
             if key in kwargs and kwargs[key] is not None:
                 kwargs[key] = tuple(kwargs[key])
         return cls(**kwargs)
@@ -292,7 +298,45 @@ def build_from_config(config: TrainConfig, task_spec: Mapping[str, Mapping[str, 
         task_weights = {t: load_weights(p) for t, p in config.init_task_weights.items()}
     return build_network(backbone, tasks_from_spec(task_spec), input_size, config.arch,
                          init_logit=config.init_logit, gate_group=config.gate_group, task_weights=task_weights,
-                         mix=config.mix)
+                         mix="soft" if config.mix == "anneal" else config.mix)
+
+
+TRAIN_MIXES = (*MIX_MODES, "anneal")
+"""Shared-slot mixes a run can train with: the gate mixes, or ``"anneal"`` (:class:`MixAnneal`)."""
+
+
+class MixAnneal:
+    """The shared mix per step of a ``mix="anneal"`` run: ``(mode, temperature)`` of every gate.
+
+    Soft at temperature 1 until the fraction ``start`` of the training steps, then the soft mix's
+    temperature falls geometrically to ``final_temperature`` at the fraction ``end``, from where the
+    gates use the hard mix (one-hot argmax, straight-through). The state after the last step is
+    always the hard mix, so a finished run is pruned as a hard-mix network.
+    """
+
+    def __init__(self, start: float, end: float, total_steps: int, final_temperature: float = 0.01) -> None:
+        start, end = float(start), float(end)
+        if not 0.0 <= start < end <= 1.0:
+            raise ValueError(f"mix_anneal must be two fractions of the training 0 <= start < end <= 1 "
+                             f"(e.g. 0.5,0.9), got {start},{end}")
+        if not 0.0 < final_temperature < 1.0:
+            raise ValueError(f"final_temperature must be in (0, 1), got {final_temperature}")
+        self.start, self.end, self.final_temperature = start, end, float(final_temperature)
+        self.total = max(1, int(total_steps))
+
+    def __call__(self, step: int) -> tuple[str, float]:
+        p = min(step / self.total, 1.0)
+        if p >= self.end:
+            return "hard", 1.0
+        if p <= self.start:
+            return "soft", 1.0
+        return "soft", self.final_temperature ** ((p - self.start) / (self.end - self.start))
+
+
+def set_mix_state(net: MultiTaskNet, mode: str, temperature: float = 1.0) -> None:
+    """Put every gate of ``net`` (a gated network) into one mix state (:meth:`ChannelGate.set_mix_state`)."""
+    for gate in net.encoder.gates():
+        gate.set_mix_state(mode, temperature)
 
 
 class _Schedule:
@@ -359,6 +403,8 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.steps_per_epoch = self._steps_per_epoch()
         self.schedule = _Schedule(config.schedule, config.epochs * self.steps_per_epoch)
+        self.mix_anneal = (MixAnneal(*config.mix_anneal, total_steps=config.epochs * self.steps_per_epoch)
+                           if config.mix == "anneal" and self.gated else None)
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.on_step: Callable[[dict[str, Any]], None] | None = None  # called after every step
@@ -367,7 +413,8 @@ class Trainer:
             self.model = self._data_parallel()
         if resume:
             self.load(self.ckpt_path)
-        elif force and self.rank == 0:
+        self._apply_mix_state()
+        if not resume and force and self.rank == 0:
             for name in RUN_FILES:
                 target = self.out / name
                 if target.is_file():
@@ -376,6 +423,15 @@ class Trainer:
     @property
     def gated(self) -> bool:
         return isinstance(self.net.encoder, GatedModel)
+
+    def mix_state(self) -> tuple[str, float] | None:
+        """``(mode, temperature)`` of the gates at the current step of a ``mix="anneal"`` run, else ``None``."""
+        return self.mix_anneal(self.step) if self.mix_anneal is not None else None
+
+    def _apply_mix_state(self) -> None:
+        state = self.mix_state()
+        if state is not None:
+            set_mix_state(self.net, *state)
 
     def _load_lean(self, path: Path) -> MultiTaskNet:
         """The lean network of ``path`` (``config.finetune``, or this run's own checkpoint on resume)."""
@@ -461,7 +517,11 @@ class Trainer:
         return {"kind": kind, "format": 2, "tasks": list(self.config.tasks), "config": self.config.to_json(),
                 "task_spec": self.task_spec,
                 "input_size": list(self.input_size), "step": self.step, "world": self.world,
-                "history": self.history} | self.lean_meta
+                "history": self.history} | self.lean_meta | self._mix_meta()
+
+    def _mix_meta(self) -> dict[str, Any]:
+        state = self.mix_state()
+        return {"mix_state": {"mode": state[0], "temperature": state[1]}} if state is not None else {}
 
     def save(self, path: Path | None = None) -> Path | None:
         if self.rank != 0:
@@ -601,6 +661,7 @@ class Trainer:
         if self.world > 1 and not self.config.freeze_bn:
             average_running_stats(self.net)
         self.step += 1
+        self._apply_mix_state()
         record = {"step": self.step, "epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
                   "loss": {t: v.item() for t, v in losses.items()}, "weights": weights, "grad_norm": float(grad_norm)}
         if self.gated:
@@ -762,6 +823,15 @@ def _net_from_meta(meta: Mapping[str, Any], path: str | Path = "checkpoint") -> 
     net = build_from_config(config, _ordered_task_spec(meta, path), size, load_pretrained=False)
     if net.tasks != tuple(config.tasks):
         raise CheckpointError(f"{path}: rebuilt tasks {net.tasks} differ from the run's {config.tasks}")
+    if config.mix == "anneal" and isinstance(net.encoder, GatedModel):  # the gates as they were at that step
+        state = meta.get("mix_state")
+        if not isinstance(state, Mapping) or "mode" not in state or "temperature" not in state:
+            raise CheckpointError(f"{path} is a mix='anneal' run without its mix state (mode and temperature at "
+                                  "the saved step); the file is incomplete")
+        try:
+            set_mix_state(net, state["mode"], state["temperature"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: its mix state {dict(state)} is invalid: {e}") from e
     return net, config, size
 
 

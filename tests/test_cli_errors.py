@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ RUNNER = Path(__file__).resolve().parents[1] / "export" / "run.py"
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
+def files(tmp_path_factory) -> Iterator[dict[str, Path]]:
     """A lean checkpoint and its ONNX file (through the CLI), a torch pickle and resnet34 weights."""
     root = tmp_path_factory.mktemp("cli")
     assert main(["train", *TINY, "--tasks", "seg,depth", "--out", str(root / "run")]) == 0
@@ -29,8 +31,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
     torch.save({"w": torch.zeros(1)}, root / "weights.pt")
     r34 = timm.create_model("resnet34", pretrained=False, features_only=True).state_dict()
     save_file({k: v.contiguous() for k, v in r34.items()}, str(root / "resnet34.safetensors"))
-    return {"root": root, "lean": root / "lean.safetensors", "onnx": root / "lean.onnx", "pt": root / "weights.pt",
-            "r34": root / "resnet34.safetensors"}
+    yield {"root": root, "lean": root / "lean.safetensors", "onnx": root / "lean.onnx", "pt": root / "weights.pt",
+           "r34": root / "resnet34.safetensors"}
+    shutil.rmtree(root, ignore_errors=True)  # about 600 MB: not kept for the rest of the session
 
 
 CASES = [

@@ -49,8 +49,9 @@ def _onnx_vs_torch(onnx_path: Path, checkpoint: Path) -> float:
     return max(float(np.abs(got[t] - ref[t].numpy()).max() / max(float(ref[t].abs().max()), 1e-6)) for t in net.tasks)
 
 
-@pytest.mark.parametrize("extra", [[], ["--gate-group", "8"], ["--mix", "hard"], ["--arch", "shared"]],
-                         ids=["gated", "group8", "hardmix", "shared"])
+@pytest.mark.parametrize("extra", [[], ["--gate-group", "8"], ["--mix", "hard"],
+                                   ["--mix", "anneal", "--mix-anneal", "0.25,0.75"], ["--arch", "shared"]],
+                         ids=["gated", "group8", "hardmix", "annealmix", "shared"])
 def test_train_eval_prune_export_round_trip(tmp_path, capsys, extra):
     run = tmp_path / "run"
     rc, out, err = _run(capsys, "train", *TINY, *extra, "--out", run)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,11 +19,12 @@ from test_cli_roundtrip import TASKS, TINY, _run
 
 
 @pytest.fixture(scope="module")
-def lean_file(tmp_path_factory) -> Path:
+def lean_file(tmp_path_factory) -> Iterator[Path]:
     root = tmp_path_factory.mktemp("finetune")
     assert main(["train", *TINY, "--out", str(root / "run")]) == 0
     assert main(["prune", str(root / "run" / "last.safetensors"), "--out", str(root / "lean.safetensors")]) == 0
-    return root / "lean.safetensors"
+    yield root / "lean.safetensors"
+    shutil.rmtree(root, ignore_errors=True)  # about 600 MB: not kept for the rest of the session
 
 
 def _model_state(path: Path) -> dict[str, torch.Tensor]:

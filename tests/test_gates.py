@@ -77,12 +77,14 @@ def test_cost_of_a_two_layer_net_by_hand():
     assert gatedmtl.flop_bounds(model, (1, 3, 5, 5)) == (4 * 675 + 2 * 100, 2 * (4 * 675 + 2 * 100))
 
 
-@pytest.mark.parametrize("mix", ["soft", "hard"])
+@pytest.mark.parametrize("mix,temperature", [("soft", 1.0), ("hard", 1.0), ("soft", 0.3)],
+                         ids=["soft", "hard", "soft-cold"])
 @pytest.mark.parametrize("channel_dim,shape", [(1, (2, 3, 4, 5)), (-1, (2, 5, 3)), (-1, (4, 3))])
-def test_fused_mixing_matches_the_unfused_formula_and_its_gradients(channel_dim, shape, mix):
+def test_fused_mixing_matches_the_unfused_formula_and_its_gradients(channel_dim, shape, mix, temperature):
     torch.manual_seed(0)
     c = shape[channel_dim]
     gate = ChannelGate(num_tasks=3, channels=c, channel_dim=channel_dim, mix=mix).double()
+    gate.set_mix_state(mix, temperature)
     with torch.no_grad():
         gate.alpha.copy_(torch.randn(3, c))
         gate.beta.copy_(torch.randn(3, c))
@@ -94,7 +96,7 @@ def test_fused_mixing_matches_the_unfused_formula_and_its_gradients(channel_dim,
         bshape = [3] + [1] * len(shape)
         bshape[1 + channel_dim % len(shape)] = c
         m = straight_through(gate.alpha).reshape(bshape)
-        w = torch.softmax(gate.beta, 0)
+        w = torch.softmax(gate.beta / temperature, 0)
         if mix == "hard":  # one-hot argmax forward, softmax gradient
             w = nn.functional.one_hot(gate.beta.argmax(0), 3).T.to(w) + (w - w.detach())
         w = w.reshape(bshape)
@@ -174,3 +176,22 @@ def test_hard_mix_is_one_hot_with_the_softmax_gradient():
         gate.set_mix_choice(torch.tensor([3, 0, 0, 0]))
     with pytest.raises(ValueError, match="mix must be one of soft, hard"):
         ChannelGate(3, 4, 1, mix="argmax")
+
+
+def test_mix_temperature_sharpens_the_soft_mix_and_is_validated():
+    gate = ChannelGate(3, 2, 1)
+    with torch.no_grad():
+        gate.beta.copy_(torch.tensor([[0.0, 1.0], [0.2, 0.0], [0.1, 0.0]]))
+    assert torch.allclose(gate.mixing_weights(), torch.softmax(gate.beta.detach(), 0))
+    gate.set_mix_state("soft", 0.01)
+    assert gate.mix_logits() is not gate.beta
+    assert torch.allclose(gate.mixing_weights(), torch.softmax(gate.beta.detach() / 0.01, 0))
+    assert gate.mixing_weights()[1, 0] > 0.99  # near the argmax of column 0
+    assert "temperature=0.01" in repr(gate)
+    gate.set_mix_state("hard")  # the hard mix ignores the temperature: one-hot argmax
+    assert gate.mixing_weights().tolist() == [[0.0, 1.0], [1.0, 0.0], [0.0, 0.0]]
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature must be positive"):
+            gate.set_mix_state("soft", bad)
+    with pytest.raises(ValueError, match="mix must be one of"):
+        gate.set_mix_state("anneal")
