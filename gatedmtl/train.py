@@ -446,7 +446,7 @@ class Trainer:
             raise ValueError(f"{path} was pruned for input {meta['input_size']}, the data set gives "
                              f"{list(self.input_size)}")
         self.lean_tensors = {k: v for k, v in tensors.items() if k.startswith(("mask.", "mix."))}
-        self.lean_meta = {k: meta[k] for k in ("flops", "finetuned_from") if k in meta}
+        self.lean_meta = {k: meta[k] for k in ("flops", "finetuned_from", "mix_state") if k in meta}
         self.lean_meta.setdefault("finetuned_from", str(path))
         return net
 

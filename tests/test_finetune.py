@@ -86,8 +86,10 @@ def test_finetune_errors(tmp_path, capsys, lean_file):
     assert finetune_config(lean_file, {"lr": 0.5}).lr == 0.5
 
 
-def test_finetune_of_a_hard_mix_network_keeps_its_channel_selection(tmp_path, capsys):
-    assert main(["train", *TINY, "--mix", "hard", "--out", str(tmp_path / "run")]) == 0
+@pytest.mark.parametrize("mix", [["--mix", "hard"], ["--mix", "anneal", "--mix-anneal", "0.25,0.75"]],
+                         ids=["hard", "anneal"])
+def test_finetune_of_a_hard_mix_network_keeps_its_channel_selection(tmp_path, capsys, mix):
+    assert main(["train", *TINY, *mix, "--out", str(tmp_path / "run")]) == 0
     lean_path = tmp_path / "lean.safetensors"
     assert main(["prune", str(tmp_path / "run" / "last.safetensors"), "--out", str(lean_path)]) == 0
     rc, _, err = _run(capsys, "finetune", lean_path, "--out", tmp_path / "ft", "--epochs", "1", "--steps-per-epoch", "1",
