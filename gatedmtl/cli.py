@@ -90,11 +90,12 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--gate-group", type=int, default=16,
                    help="channels decided by one gate (e.g. 8 or 16: lean layers keep multiples of it, "
                         "which vectorised CPU kernels run faster)")
-    p.add_argument("--mix", default="soft", choices=["soft", "hard", "anneal"],
-                   help="how the shared branch reads the task features: soft (softmax of the mixing logits), hard "
-                        "(their one-hot argmax, straight-through: the lean model's shared branch takes one channel "
-                        "selection per layer instead of a weighted sum) or anneal (soft, its temperature lowered "
-                        "over --mix-anneal, then hard: a hard-mix lean model)")
+    p.add_argument("--mix", default="anneal", choices=["anneal", "soft", "hard"],
+                   help="how the shared branch reads the task features: anneal (the softmax of the mixing logits, "
+                        "its temperature lowered over --mix-anneal, then their one-hot argmax: the lean model's "
+                        "shared branch takes one channel selection per layer instead of a weighted sum, which "
+                        "runs faster), soft (the softmax throughout, as in the GatedMTL paper) or hard (the one-hot "
+                        "argmax, straight-through, from the first step)")
     p.add_argument("--mix-anneal", default="0.5,0.9",
                    help="with --mix anneal: START,END fractions of the training steps; soft until START, the "
                         "temperature falls from 1 to 0.01 until END, hard after END")

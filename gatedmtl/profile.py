@@ -666,8 +666,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--density", type=float, default=0.5,
                    help="fraction of channels each task opens, at random (0 = all closed, 1 = all open)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random gates")
-    p.add_argument("--mix", default="soft", choices=["soft", "hard"],
-                   help="shared-branch mix of the converted timm model (hard: a one-hot choice of task per channel)")
+    p.add_argument("--mix", default="hard", choices=["soft", "hard"],
+                   help="shared-branch mix of the converted timm model (hard: a one-hot choice of task per channel, "
+                        "what a run trained with the default --mix anneal ends with; soft: the softmax mix)")
     p.add_argument("--input", type=_shape, default=None,
                    help="B,C,H,W, C,H,W or HxW (default: batch 1 at timm's input size)")
     p.add_argument("--features-only", action="store_true", help="build the timm model with features_only=True")

@@ -94,8 +94,9 @@ class TrainConfig:
     sparsity_warmup: int = 0  # epochs without the sparsity term
     init_logit: float = 1.0
     gate_group: int = DEFAULT_GATE_GROUP  # channels per gate logit (lean widths become multiples of it)
-    mix: str = "soft"  # shared-slot mix: "soft" (softmax of beta), "hard" (straight-through one-hot argmax) or
-    # "anneal" (soft, its temperature lowered over mix_anneal, then hard: see MixAnneal)
+    mix: str = "anneal"  # shared-slot mix: "anneal" (soft, its temperature lowered over mix_anneal, then hard: see
+    # MixAnneal; the lean model's shared slot is a channel selection), "soft" (softmax of beta, the paper's) or "hard"
+    # (straight-through one-hot argmax from the start)
     mix_anneal: tuple[float, float] = (0.5, 0.9)  # fractions of the training steps (mix="anneal")
     tau: dict[str, float] = field(default_factory=dict)
     lambda_tau: float = 1.0
@@ -151,6 +152,7 @@ class TrainConfig:
     def from_json(cls, data: Mapping[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
+        kwargs.setdefault("mix", "soft")  # saved before the field existed: those runs mixed softly
         for key in ("tasks", "image_size", "mix_anneal"):
             if key in kwargs and kwargs[key] is not None:
                 kwargs[key] = tuple(kwargs[key])
