@@ -49,9 +49,9 @@ def _onnx_vs_torch(onnx_path: Path, checkpoint: Path) -> float:
     return max(float(np.abs(got[t] - ref[t].numpy()).max() / max(float(ref[t].abs().max()), 1e-6)) for t in net.tasks)
 
 
-@pytest.mark.parametrize("extra", [[], ["--gate-group", "8"], ["--mix", "hard"],
+@pytest.mark.parametrize("extra", [[], ["--gate-group", "8"], ["--mix", "soft"], ["--mix", "hard"],
                                    ["--mix", "anneal", "--mix-anneal", "0.25,0.75"], ["--arch", "shared"]],
-                         ids=["gated", "group8", "hardmix", "annealmix", "shared"])
+                         ids=["gated", "group8", "softmix", "hardmix", "annealmix", "shared"])
 def test_train_eval_prune_export_round_trip(tmp_path, capsys, extra):
     run = tmp_path / "run"
     rc, out, err = _run(capsys, "train", *TINY, *extra, "--out", run)
@@ -79,7 +79,7 @@ def test_train_eval_prune_export_round_trip(tmp_path, capsys, extra):
         assert _close(_printed_json(out), summary["val_lean"])
         lean, _ = load_network(model)
         assert lean.encoder.tasks == tuple(TASKS.split(","))
-        hard = "--mix" in extra
+        hard = "soft" not in extra  # the default (anneal) ends as a hard-mix network
         assert net.encoder.gates()[0].mix_mode == ("hard" if hard else "soft")
         layers = [m for _, m in lean.encoder.lean_layers()]
         assert all(m.hard == hard for m in layers)

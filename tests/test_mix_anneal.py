@@ -117,3 +117,10 @@ def test_a_checkpoint_without_its_mix_state_is_refused(tmp_path):
     save_checkpoint(tmp_path / "broken.safetensors", tensors, meta)
     with pytest.raises(CheckpointError, match="without its mix state"):
         load_network(tmp_path / "broken.safetensors")
+
+
+def test_anneal_is_the_default_and_configs_saved_without_a_mix_load_as_soft():
+    assert TrainConfig().mix == "anneal"
+    saved = {k: v for k, v in TrainConfig(mix="hard").to_json().items() if k != "mix"}
+    assert TrainConfig.from_json(saved).mix == "soft"
+    assert TrainConfig.from_json(TrainConfig(mix="hard").to_json()).mix == "hard"
