@@ -33,12 +33,14 @@ all open <= 1.05x T separate networks.
 With ``--mix hard`` the gated models use the hard (one-hot, straight-through) shared mix, random and
 trained alike: the lean shared slot then takes one channel gather instead of a Mul/Add chain.
 ``--mix soft,hard`` times both in one run (same weights and gates, only the mix differs).
+``--mix anneal`` is the training default (``TrainConfig.mix``): the trained row is trained with the
+annealed mix, which ends as the hard mix, so its random rows are the hard mix's.
 
-Writes ``latency[_group<N>][_<level>][_hardmix|_mixes].md/.csv/.png`` under ``--out`` (``latency.*``
+Writes ``latency[_group<N>][_<level>][_hardmix|_annealmix|_mixes].md/.csv/.png`` under ``--out`` (``latency.*``
 for the default ``--gate-group 16``, soft mix). Usage::
 
     python benchmarks/latency.py [--models resnet18,hrnet_w18_small_v2,mobilenetv3_large_100]
-        [--gate-group 16] [--mix soft|hard|soft,hard] [--size 224x224] [--runs 20] [--no-train]
+        [--gate-group 16] [--mix soft|hard|anneal|soft,hard] [--size 224x224] [--runs 20] [--no-train]
         [--train-steps 25]
 """
 
@@ -96,7 +98,7 @@ class Row:
     model: str
     input: str
     kind: str  # BACKBONE, SEPARATE, "random", "trained"
-    mix: str  # "-" (plain), "soft", "hard": the gated model's shared mix
+    mix: str  # "-" (plain), "soft", "hard", "anneal" (trained annealed, the hard mix's graph): the shared mix
     density: str  # "-", "closed", "0.25", ..., "open", "trained"
     open_fraction: float  # fraction of task channels open (random: the drawn gates; trained: after projection)
     slots: str
@@ -222,6 +224,11 @@ def _graph(lean: gatedmtl.LeanModel) -> str:
     return "folded on the batch axis: " + (lean.folded_reason or "streams off")
 
 
+def _gate_mix(mix: str) -> str:
+    """The gates' mix of a benchmark mix: an annealed run ends with the hard mix."""
+    return "hard" if mix == "anneal" else mix
+
+
 def train_gates(name: str, tasks: tuple[str, ...], group: int, steps: int, epochs: int, seed: int, tmp: Path,
                 log, mix: str = "soft") -> tuple[dict[str, torch.Tensor], tuple[str, ...], dict]:
     """A short training run at budget 0.5 (embedded scenes, 64x96); the projected encoder's state dict."""
@@ -269,7 +276,7 @@ def bench_model(name: str, size: tuple[int, int], tasks: tuple[str, ...], densit
     variants: list[tuple[str, str, str, gatedmtl.GatedModel]] = []
     train_report = None
     for mix in args.mixes:  # the same weights (perturbation seed) and gates (set_gates seed) for every mix
-        model = gatedmtl.convert(backbone, tasks, input_size=shape[1:], gate_group=group, mix=mix).eval()
+        model = gatedmtl.convert(backbone, tasks, input_size=shape[1:], gate_group=group, mix=_gate_mix(mix)).eval()
         perturb_slots(model, generator=torch.Generator().manual_seed(args.seed))
         variants += [("random", d, mix, model) for d in densities]
     for mix in [] if args.no_train else args.mixes:
@@ -277,7 +284,7 @@ def bench_model(name: str, size: tuple[int, int], tasks: tuple[str, ...], densit
                                                    args.seed, tmp, log, mix)
         train_report = (train_report or {}) | {mix: report}
         fresh = gatedmtl.convert(build_backbone(name), trained_tasks, input_size=shape[1:], gate_group=group,
-                                 mix=mix).eval()
+                                 mix=_gate_mix(mix)).eval()
         trained_gates = set(k for k in state if k.endswith((".gate.alpha", ".gate.beta")))
         fresh_gates = set(k for k in fresh.state_dict() if k.endswith((".gate.alpha", ".gate.beta")))
         if trained_gates != fresh_gates:
@@ -349,7 +356,7 @@ def target(r: Row) -> str:
 def label(r: Row) -> str:
     if r.kind in (BACKBONE, SEPARATE):
         return r.kind
-    hard = ", hard mix" if r.mix == "hard" else ""
+    hard = {"hard": ", hard mix", "anneal": ", annealed mix"}.get(r.mix, "")
     return f"trained (budget 0.5{hard})" if r.kind == "trained" else f"random {r.density}{hard}"
 
 
@@ -410,7 +417,7 @@ def write_results(rows: list[Row], out: Path, meta: dict[str, str], trained: dic
             mine = [r for r in per if r.model == m]
             if mine:
                 lines.append(f"  - {m}: per FLOP " + ", ".join(f"{r.density if r.kind == 'random' else 'trained'}"
-                                                                f"{' hard' if r.mix == 'hard' else ''} "
+                                                                f"{' ' + r.mix if r.mix in ('hard', 'anneal') else ''} "
                                                                 f"{r.per_flop:.2f}" for r in mine)
                              + f" (by CPU time " + ", ".join(f"{r.cpu_per_flop:.2f}" for r in mine) + ").")
     if below_open:
@@ -520,7 +527,8 @@ def _plot(rows: list[Row], path: Path, meta: dict[str, str]) -> None:
 
 
 def args_mixes(meta: dict[str, str]) -> list[str]:
-    return [m for m in ("soft", "hard") if f"{m}:" in meta.get("shared mix", "") or f"{m} (" in meta.get("shared mix", "")]
+    return [m for m in ("soft", "hard", "anneal")
+            if f"{m}:" in meta.get("shared mix", "") or f"{m} (" in meta.get("shared mix", "")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -542,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--opt-level", choices=("all", "extended", "basic"), default="all",
                    help="ORT graph optimisation level ('all' includes the NCHWc layout transform)")
     p.add_argument("--gate-group", type=int, default=DEFAULT_GROUP, help="channels per gate (convert's gate_group)")
-    p.add_argument("--mix", default="soft", help="shared-slot mix of the gated models: soft, hard or soft,hard")
+    p.add_argument("--mix", default="soft", help="shared-slot mix of the gated models: soft, hard, anneal (the training default) or a list such as soft,hard")
     p.add_argument("--no-train", action="store_true", help="skip the trained-gates rows")
     p.add_argument("--train-steps", type=int, default=25, help="steps per epoch of the short training run")
     p.add_argument("--train-epochs", type=int, default=4)
@@ -550,13 +558,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
     args.mixes = [m.strip() for m in args.mix.split(",") if m.strip()]
-    if not args.mixes or any(m not in ("soft", "hard") for m in args.mixes) or len(set(args.mixes)) < len(args.mixes):
-        p.error(f"--mix takes soft, hard or soft,hard, got {args.mix!r}")
+    if not args.mixes or any(m not in ("soft", "hard", "anneal") for m in args.mixes) or len(set(args.mixes)) < len(args.mixes):
+        p.error(f"--mix takes soft, hard, anneal or a comma-separated list of them, got {args.mix!r}")
     if not args.no_train and args.tasks > 3:
         p.error("trained gates use the embedded scenes' 3 tasks: --tasks must be <= 3 (or pass --no-train)")
     stem = "latency" + (f"_group{args.gate_group}" if args.gate_group != DEFAULT_GROUP else "")
     stem += f"_{args.opt_level}" if args.opt_level != "all" else ""
-    stem += {("soft",): "", ("hard",): "_hardmix"}.get(tuple(args.mixes), "_mixes")
+    stem += {("soft",): "", ("hard",): "_hardmix", ("anneal",): "_annealmix"}.get(tuple(args.mixes), "_mixes")
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
     tasks = tuple(f"task{i}" for i in range(args.tasks))
@@ -592,7 +600,11 @@ def main(argv: list[str] | None = None) -> int:
             "shared mix": "; ".join({"soft": "soft: softmax of beta, a Mul/Add chain per layer in the lean graph",
                                      "hard": "hard (rows marked 'hard mix'): one-hot argmax of beta (random rows: "
                                              "of the same random beta), one channel gather per layer in the lean "
-                                             "graph"}[m] for m in args.mixes),
+                                             "graph",
+                                     "anneal": "anneal (rows marked 'annealed mix'): trained with the soft mix, its "
+                                               "temperature lowered from 1 to 0.01 between 50 % and 90 % of the steps, "
+                                               "then the hard mix; random rows use the hard mix (the graph an annealed "
+                                               "run ends with)"}[m] for m in args.mixes),
             "ONNX Runtime": f"{ort.__version__}, CPUExecutionProvider, sequential execution, graph optimisation level "
                             f"{args.opt_level!r}; 1 intra-op thread unless a column says otherwise",
             "timing": f"{args.warmup} warm-up runs, then {args.runs} timed runs per model at 1 thread and {args.runs4} "
