@@ -68,6 +68,7 @@ import gatedmtl
 from gatedmtl.export import export_onnx
 from gatedmtl.network import build_backbone
 from gatedmtl.profile import KernelTime, onnx_kernel_time, ort_session
+from gatedmtl.train import TRAIN_MIXES
 from gatedmtl.verify import perturb_slots, set_gates
 
 DEFAULT_GROUP = 16
@@ -527,8 +528,7 @@ def _plot(rows: list[Row], path: Path, meta: dict[str, str]) -> None:
 
 
 def args_mixes(meta: dict[str, str]) -> list[str]:
-    return [m for m in ("soft", "hard", "anneal")
-            if f"{m}:" in meta.get("shared mix", "") or f"{m} (" in meta.get("shared mix", "")]
+    return [m for m in TRAIN_MIXES if f"{m}:" in meta.get("shared mix", "") or f"{m} (" in meta.get("shared mix", "")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -558,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
     args.mixes = [m.strip() for m in args.mix.split(",") if m.strip()]
-    if not args.mixes or any(m not in ("soft", "hard", "anneal") for m in args.mixes) or len(set(args.mixes)) < len(args.mixes):
+    if not args.mixes or any(m not in TRAIN_MIXES for m in args.mixes) or len(set(args.mixes)) < len(args.mixes):
         p.error(f"--mix takes soft, hard, anneal or a comma-separated list of them, got {args.mix!r}")
     if not args.no_train and args.tasks > 3:
         p.error("trained gates use the embedded scenes' 3 tasks: --tasks must be <= 3 (or pass --no-train)")

@@ -206,10 +206,10 @@ def check_group(group: int) -> int:
     return group
 
 
-def check_mix(mix: str) -> str:
-    """Validate a mix mode (:data:`MIX_MODES`)."""
-    if mix not in MIX_MODES:
-        raise ValueError(f"mix must be one of {', '.join(MIX_MODES)} (how the shared slot reads the task features), "
+def check_mix(mix: str, allowed: tuple[str, ...] = MIX_MODES) -> str:
+    """Validate a mix mode: one of ``allowed`` (the gates' :data:`MIX_MODES` by default)."""
+    if mix not in allowed:
+        raise ValueError(f"mix must be one of {', '.join(allowed)} (how the shared slot reads the task features), "
                          f"got {mix!r}")
     return mix
 

@@ -138,9 +138,7 @@ class TrainConfig:
         if self.arch == "shared" and (self.tau or self.init_task_weights):
             raise ValueError("--tau and --init-task-weights need the gated arch")
         check_group(self.gate_group)
-        if self.mix not in TRAIN_MIXES:
-            raise ValueError(f"mix must be one of {', '.join(TRAIN_MIXES)} (how the shared slot reads the task "
-                             f"features), got {self.mix!r}")
+        check_mix(self.mix, TRAIN_MIXES)
         MixAnneal(*self.mix_anneal, total_steps=1)  # validates the fractions
         if self.budget_mode not in ("max", "target"):
             raise ValueError(f"budget_mode must be 'max' or 'target', got {self.budget_mode!r}")
@@ -404,8 +402,9 @@ class Trainer:
             self.budget_flops = resolve_budget(self.net.encoder, config.budget, (1, *self.input_size))
         self.optimizer = self._make_optimizer()
         self.steps_per_epoch = self._steps_per_epoch()
-        self.schedule = _Schedule(config.schedule, config.epochs * self.steps_per_epoch)
-        self.mix_anneal = (MixAnneal(*config.mix_anneal, total_steps=config.epochs * self.steps_per_epoch)
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.schedule = _Schedule(config.schedule, self.total_steps)
+        self.mix_anneal = (MixAnneal(*config.mix_anneal, total_steps=self.total_steps)
                            if config.mix == "anneal" and self.gated else None)
         self.step = 0
         self.history: list[dict[str, Any]] = []
@@ -697,7 +696,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         log = open(self.out / "log.jsonl", "a") if self.rank == 0 else None
         start = time.perf_counter()
-        total = c.epochs * self.steps_per_epoch
+        total = self.total_steps
         remove_stale_temps(self.out)
         if self.step and self.rank == 0:
             print(f"resuming {self.out} from step {self.step} of {total}", flush=True)
