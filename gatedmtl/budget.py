@@ -130,9 +130,12 @@ def project_to_budget(model: GatedModel, budget_flops: float, input_shape: Seque
     low, high = flop_bounds(model, shape)
     if not low <= budget_flops <= high:
         raise BudgetError(f"budget {budget_flops / 1e9:.4f} GFLOPs outside [{low / 1e9:.4f}, {high / 1e9:.4f}] GFLOPs")
-    gates = model.gates()
+    gates = model.unique_gates()
     num_tasks = len(model.tasks)
     current = float(predict_flops(model, shape))
+    layer_costs: dict[int, Tensor] = {}  # a tied gate decides the channels of every layer that uses it
+    for gate, c in zip(model.gates(), info.costs):
+        layer_costs[id(gate)] = layer_costs.get(id(gate), 0) + c.to(torch.float64)
     # flat views: gate index, task, group of channels (a single channel unless gate_group > 1), logit;
     # every channel of a group has the same gates, so a group's saving is its channels' summed cost
     entries = []
@@ -142,7 +145,7 @@ def project_to_budget(model: GatedModel, budget_flops: float, input_shape: Seque
             for c, v in enumerate(a[t].tolist()):
                 entries.append((v, g, t, c))
     open_count = [(gate.alpha > 0).sum(0).cpu().tolist() for gate in gates]
-    costs = [(shape[0] * gate.to_groups(c.to(torch.float64))).tolist() for gate, c in zip(gates, info.costs)]
+    costs = [(shape[0] * gate.to_groups(layer_costs[id(gate)])).tolist() for gate in gates]
 
     def live(k: int) -> int:
         return k + 1 - (1 if k == num_tasks else 0)

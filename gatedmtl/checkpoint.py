@@ -35,13 +35,23 @@ def save_checkpoint(path: str | Path, tensors: Mapping[str, Tensor], meta: Mappi
 
     With ``keep_previous``, the file that ``path`` held before is kept under that name (a hard
     link, so that ``path`` exists at every moment). Temporary files that a killed writer left in
-    the folder are removed first. Only a regular file is ever replaced.
+    the folder are removed first. Only a regular file is ever replaced. A tensor that shares
+    memory with one written before it (a tied gate's logits under each layer that uses the gate)
+    is written as its own copy.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     check_not_special(path)
     remove_stale_temps(path.parent)
-    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    flat: dict[str, Tensor] = {}
+    storages: set[int] = set()
+    for k, v in tensors.items():
+        t = v.detach().contiguous().cpu()
+        storage = t.untyped_storage().data_ptr()
+        if t.numel() and storage in storages:
+            t = t.clone()
+        storages.add(storage)
+        flat[k] = t
     tmp = temp_path(path)
     try:
         save_file(flat, str(tmp), metadata={META_KEY: json.dumps(meta)})

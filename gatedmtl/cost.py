@@ -225,8 +225,10 @@ def analyze(model: GatedModel, input_shape: Sequence[int] | None = None) -> Flop
         cached = FlopAnalysis(size, per_slot_total * model.num_slots + constant, tuple(costs), outside, constant,
                               count.uncounted)
         model._analysis_cache[size] = cached
-    for gate, cost in zip(model.gates(), cached.costs):
-        gate.cost.copy_(cost.to(gate.cost))
+    for gate in model.unique_gates():
+        gate.cost.zero_()
+    for gate, cost in zip(model.gates(), cached.costs):  # a tied gate: the sum over the layers that use it
+        gate.cost.add_(cost.to(gate.cost))
     return cached
 
 

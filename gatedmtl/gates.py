@@ -66,8 +66,9 @@ class ChannelGate(nn.Module):
             (``mix_mode="soft"``) or its one-hot argmax (``"hard"``), see :meth:`mixing_weights`.
         mix_mode: ``"soft"`` or ``"hard"`` (module docstring).
         temperature: divides ``beta`` in the soft mix (module docstring); positive, 1 by default.
-        cost: ``[C]`` MACs of one channel of one slot for one sample (filter + fused norm),
-            filled by :func:`gatedmtl.cost.analyze` at a given input size.
+        cost: ``[C]`` MACs of one channel of one slot for one sample (filter + fused norm; summed
+            over the layers that use the gate when it is tied), filled by
+            :func:`gatedmtl.cost.analyze` at a given input size.
     """
 
     _gatedmtl_gate = True

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
@@ -33,7 +34,19 @@ class ProbeResult:
     # modules whose first input is not split along the model's batch on their batch axis -> why
     unfolded: dict[str, str] = field(default_factory=dict)
     batch_independent: set[str] = field(default_factory=set)  # of those: inputs that do not depend on the batch
+    # candidate -> the candidate whose output, through channel-wise functions only (activations,
+    # dropout, copies), is its first input on every call
+    sources: dict[str, str] = field(default_factory=dict)
     output: Any = None
+
+
+# functions that keep every channel where it is (out[:, c] depends on in[:, c] only) and the shape
+_CHANNEL_WISE: set = {
+    F.relu, F.relu6, F.hardtanh, F.hardswish, F.hardsigmoid, F.silu, F.gelu, F.elu, F.selu, F.celu, F.leaky_relu,
+    F.mish, F.softplus, F.sigmoid, F.tanh, F.dropout, torch.relu, torch.relu_, torch.sigmoid, torch.sigmoid_,
+    torch.tanh, torch.tanh_, torch.clone, Tensor.relu, Tensor.relu_, Tensor.sigmoid, Tensor.sigmoid_, Tensor.tanh,
+    Tensor.tanh_, Tensor.clone, Tensor.contiguous,
+}
 
 
 class _UseRecorder(TorchFunctionMode):
@@ -46,6 +59,7 @@ class _UseRecorder(TorchFunctionMode):
         self.foreign: set[str] = set()
         self.consuming: list[int | None] = []
         self.paused = 0
+        self.made_by: dict[int, str] = {}  # id of a candidate's output (or a channel-wise function of it) -> candidate
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
@@ -55,7 +69,13 @@ class _UseRecorder(TorchFunctionMode):
                 name = self.watched.get(id(t))
                 if name is not None and id(t) != current:
                     self.foreign.add(name)
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if func in _CHANNEL_WISE and args and isinstance(args[0], Tensor) and isinstance(out, Tensor):
+            source = self.made_by.get(id(args[0]))
+            if source is not None and out.shape == args[0].shape:
+                self.made_by[id(out)] = source
+                self.alive.append(out)
+        return out
 
 
 def _is_pair_candidate(conv: nn.Module, norm: nn.Module) -> bool:
@@ -128,6 +148,7 @@ def probe(model: nn.Module, candidates: dict[str, nn.Module], example: Tensor) -
     by_id: dict[int, str] = {id(m): n for n, m in candidates.items()}
     consumed_by: dict[str, list[str | None]] = defaultdict(list)  # conv -> consumer norm per call
     norm_inputs: dict[str, list[str | None]] = defaultdict(list)  # norm -> producing conv per call
+    sources: dict[str, list[str | None]] = defaultdict(list)  # candidate -> source of its first input per call
     handles = []
 
     first_shapes: dict[str, list] = defaultdict(list)
@@ -136,6 +157,7 @@ def probe(model: nn.Module, candidates: dict[str, nn.Module], example: Tensor) -
         rec.paused += 1
         name = by_id[id(module)]
         first_shapes[name].append(_input_shape(args))
+        sources[name].append(rec.made_by.get(id(args[0])) if args and isinstance(args[0], Tensor) else None)
         producer = rec.watched.get(id(args[0])) if args and isinstance(args[0], Tensor) else None
         if producer is not None and (len(args) != 1 or not _is_pair_candidate(candidates[producer], module)):
             rec.foreign.add(producer)
@@ -156,9 +178,11 @@ def probe(model: nn.Module, candidates: dict[str, nn.Module], example: Tensor) -
             if isinstance(output, Tensor):
                 result.out_shapes[name] = tuple(output.shape)
         result.calls[name] += 1
-        if isinstance(module, nn.modules.conv._ConvNd) and isinstance(output, Tensor):
-            rec.watched[id(output)] = name
+        if isinstance(output, Tensor):
+            rec.made_by[id(output)] = name
             rec.alive.append(output)
+            if isinstance(module, nn.modules.conv._ConvNd):
+                rec.watched[id(output)] = name
         rec.paused -= 1
 
     for m in candidates.values():
@@ -180,6 +204,7 @@ def probe(model: nn.Module, candidates: dict[str, nn.Module], example: Tensor) -
         norm = norms[0]
         if all(p == conv for p in norm_inputs[norm]) and result.calls.get(norm) == calls:
             result.pairs[conv] = norm
+    result.sources = {n: s[0] for n, s in sources.items() if s[0] is not None and len(set(s)) == 1}
     bigger = torch.cat([example, example[:1]])
     second = _input_shapes(model, candidates, bigger)
     _classify_batch_axes(result, candidates, first_shapes, second, (example.shape[0], bigger.shape[0]))

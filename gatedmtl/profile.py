@@ -87,6 +87,7 @@ class LayerStats:
     norm: str | None  # type of the paired norm fused into the gated output, if any
     channels: int
     kept: list[int]
+    gate_of: str | None = None  # a tied gate (convert(..., tie_depthwise=True)): the layer whose gate it uses
 
 
 @dataclass
@@ -217,7 +218,8 @@ class Profile:
                       "|---|---|---|" + "---:|" * (len(heads) + 1)]
             for layer in self.layers:
                 kept = " | ".join(str(k) for k in layer.kept)
-                lines.append(f"| {layer.name} | {layer.kind} | {layer.norm or 'no'} | {kept} | {layer.channels} |")
+                kind = layer.kind + (f", gate of {layer.gate_of}" if layer.gate_of else "")
+                lines.append(f"| {layer.name} | {kind} | {layer.norm or 'no'} | {kept} | {layer.channels} |")
         if self.ungated:
             lines += ["", "### ungated per-slot layers (every computed slot runs its whole copy)", "",
                       "| layer | type | FLOPs per slot | reason |", "|---|---|---:|---|"]
@@ -286,7 +288,9 @@ def _gated_layers(model: GatedModel) -> list[LayerStats]:
         open_ = unit.gate.open_mask().cpu()
         kept = [int((~open_.all(0)).sum())] + [int(o.sum()) for o in open_]
         norm = type(unit.slots[0]).__name__ if producer is not unit else None
-        rows.append(LayerStats(unit.producer, _kind(producer.slots[0]), norm, unit.gate.channels, kept))
+        owner = model.tied_gates.get(name)
+        gate_of = model.backbone.get_submodule(owner).producer if owner else None
+        rows.append(LayerStats(unit.producer, _kind(producer.slots[0]), norm, unit.gate.channels, kept, gate_of))
     return rows
 
 
@@ -527,7 +531,7 @@ def _profile_gated(model: GatedModel, shape: tuple[int, ...]) -> Profile:
         on = s in slots
         flops = int(round(batch * gated_flops[s])) + (per_slot_ungated if on else 0)
         slot_rows.append(SlotStats(names[s], params, flops, on))
-    gate_params = sum(p.numel() for g in model.gates() for p in g.parameters())
+    gate_params = sum(p.numel() for g in model.unique_gates() for p in g.parameters())
     params = count_params(model)
     predicted = predict_flops(model, shape)
     measured = measure_flops(model, shape)
@@ -669,6 +673,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mix", default="hard", choices=["soft", "hard"],
                    help="shared-branch mix of the converted timm model (hard: a one-hot choice of task per channel, "
                         "what a run trained with the default --mix anneal ends with; soft: the softmax mix)")
+    p.add_argument("--tie-depthwise", action="store_true",
+                   help="convert the timm model with tied depthwise gates (see gatedmtl train --tie-depthwise)")
     p.add_argument("--input", type=_shape, default=None,
                    help="B,C,H,W, C,H,W or HxW (default: batch 1 at timm's input size)")
     p.add_argument("--features-only", action="store_true", help="build the timm model with features_only=True")
@@ -749,7 +755,7 @@ def _timm_profiles(args: argparse.Namespace) -> list[Profile]:
     kwargs = {"features_only": True} if args.features_only else {}
     backbone = timm.create_model(args.model, pretrained=False, **kwargs).eval()
     shape = args.input or (1, *default_input_size(backbone))
-    gated = convert(backbone, tasks, input_size=shape[1:], mix=args.mix).eval()
+    gated = convert(backbone, tasks, input_size=shape[1:], mix=args.mix, tie_depthwise=args.tie_depthwise).eval()
     set_gates(gated, args.density, torch.Generator().manual_seed(args.seed))
     lean = prune(gated).eval()
     opts = dict(latency=not args.no_latency, threads=args.threads, runs=args.runs)

@@ -85,11 +85,14 @@ class GatedModel(nn.Module):
             or they never ran in the probe.
         batch_independent: those of ``shared_modules`` whose input does not depend on the
             batch: they run once per forward pass, whatever the batch and the number of slots.
+        tied_gates: ``{gated layer: gated layer whose gate it uses}`` (``convert(...,
+            tie_depthwise=True)``); :meth:`gates` lists such a gate once per layer that uses it,
+            :meth:`unique_gates` once.
     """
 
     def __init__(self, backbone: nn.Module, tasks: Sequence[str], gate_names: Sequence[str],
                  input_size: tuple[int, ...], shared_modules: Mapping[str, str] | None = None,
-                 batch_independent: Sequence[str] = ()) -> None:
+                 batch_independent: Sequence[str] = (), tied_gates: Mapping[str, str] | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.tasks = tuple(tasks)
@@ -97,6 +100,7 @@ class GatedModel(nn.Module):
         self.input_size = tuple(input_size)
         self.shared_modules = dict(shared_modules or {})
         self.batch_independent = tuple(batch_independent)
+        self.tied_gates = dict(tied_gates or {})
         self._analysis_cache: dict[tuple[int, ...], Any] = {}
 
     @property
@@ -104,8 +108,13 @@ class GatedModel(nn.Module):
         return len(self.tasks) + 1
 
     def gates(self) -> list[ChannelGate]:
-        """Gate modules in forward order."""
+        """The gate of every gated layer, in forward order (a tied gate once per layer that uses it)."""
         return [self.backbone.get_submodule(n).gate for n in self.gate_names]
+
+    def unique_gates(self) -> list[ChannelGate]:
+        """Every gate module once, in forward order of its first layer."""
+        seen: set[int] = set()
+        return [g for g in self.gates() if not (id(g) in seen or seen.add(id(g)))]
 
     def check_input(self, x: Any) -> None:
         if not isinstance(x, Tensor):
@@ -123,7 +132,8 @@ class GatedModel(nn.Module):
         return run_folded(self.backbone, x, self.tasks, self.input_size)
 
     def extra_repr(self) -> str:
-        return f"tasks={self.tasks}, gates={len(self.gate_names)}"
+        tied = f", tied={len(self.tied_gates)}" if self.tied_gates else ""
+        return f"tasks={self.tasks}, gates={len(self.gate_names)}{tied}"
 
 
 def run_folded(backbone: nn.Module, x: Tensor, tasks: Sequence[str], input_size: tuple[int, ...]) -> dict[str, Any]:
@@ -178,6 +188,7 @@ def convert(
     gate_group: int = DEFAULT_GATE_GROUP,
     task_weights: Mapping[str, Mapping[str, Tensor]] | None = None,
     mix: str = "soft",
+    tie_depthwise: bool = False,
 ) -> GatedModel:
     """Turn ``backbone`` into a :class:`GatedModel` with a shared slot and one slot per task.
 
@@ -197,6 +208,12 @@ def convert(
             paper's mix) or ``"hard"`` (its one-hot argmax, straight-through; the lean model's
             shared slot then takes one channel selection instead of a weighted sum, see
             :mod:`gatedmtl.gates`).
+        tie_depthwise: a depthwise convolution whose input is a gated layer's output (through
+            channel-wise ops only, e.g. the expansion conv + norm + activation of an inverted
+            residual block) uses that layer's gate instead of its own: a channel is then the
+            task's own through both layers or shared through both, as one dependency group of
+            channel pruning. Its lean copy reads the task's own channels as they come (no channel
+            selection in front of it); see :attr:`GatedModel.tied_gates`.
 
     Every slot starts as a copy of the backbone, so before training every task's output
     equals ``backbone(x)`` for any gate pattern.
@@ -244,6 +261,8 @@ def convert(
 
     where = _parents(model)
     order: list[str] = []
+    gates: dict[str, ChannelGate] = {}  # gated unit -> its gate
+    tied: dict[str, str] = {}  # gated unit -> the gated unit whose gate it uses
     shared = {n: "not called in the forward pass" for n in units if n not in found.calls}
     for name in found.order:  # units never called in the probe stay shared (plain modules)
         module = units[name]
@@ -255,16 +274,22 @@ def convert(
             producer = units[gated_output[name]]
             linear = isinstance(producer, nn.Linear)
             channels = producer.out_features if linear else producer.out_channels
-            gate = ChannelGate(len(names), channels, -1 if linear else 1, init_logit,
-                               group=layer_gate_group(producer, gate_group), mix=mix)
-            gate.name = name
+            group = layer_gate_group(producer, gate_group)
+            owner = _depthwise_input_gate(gated_output[name], producer, found.sources, gates) if tie_depthwise else None
+            if owner is not None and owner.channels == channels and owner.group == group and owner.channel_dim == 1:
+                gate = owner
+                tied[name] = owner.name
+            else:
+                gate = ChannelGate(len(names), channels, -1 if linear else 1, init_logit, group=group, mix=mix)
+                gate.name = name
+            gates[name] = gate
             order.append(name)
         slotted = SlotModule(module, num_slots, gate)
         slotted.name = name
         slotted.producer = gated_output.get(name)
         for parent, attr in where[id(module)]:
             parent._modules[attr] = slotted
-    model = GatedModel(model, names, order, size, shared, sorted(found.batch_independent))
+    model = GatedModel(model, names, order, size, shared, sorted(found.batch_independent), tied)
     if task_weights:
         unknown = set(task_weights) - set(names)
         if unknown:
@@ -274,6 +299,15 @@ def convert(
                 _load_task_weights(model.backbone, i + 1, task, task_weights[task])
     model.train(was_training)
     return model
+
+
+def _depthwise_input_gate(conv_name: str, conv: nn.Module, sources: Mapping[str, str],
+                          gates: Mapping[str, ChannelGate]) -> ChannelGate | None:
+    """The gate of the gated unit whose output is the input of the depthwise ``conv`` (``None``: none)."""
+    if not isinstance(conv, nn.modules.conv._ConvNd) or not (conv.groups == conv.in_channels == conv.out_channels > 1):
+        return None
+    source = sources.get(conv_name)
+    return gates.get(source) if source is not None else None
 
 
 def gate_layers(model: GatedModel) -> list[ChannelGate]:

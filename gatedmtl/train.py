@@ -98,6 +98,7 @@ class TrainConfig:
     # MixAnneal; the lean model's shared slot is a channel selection), "soft" (softmax of beta, the paper's) or "hard"
     # (straight-through one-hot argmax from the start)
     mix_anneal: tuple[float, float] = (0.5, 0.9)  # fractions of the training steps (mix="anneal")
+    tie_depthwise: bool = False  # a depthwise conv fed by a gated layer uses that layer's gate (see convert)
     tau: dict[str, float] = field(default_factory=dict)
     lambda_tau: float = 1.0
     balance: str = "ew"
@@ -298,7 +299,7 @@ def build_from_config(config: TrainConfig, task_spec: Mapping[str, Mapping[str, 
         task_weights = {t: load_weights(p) for t, p in config.init_task_weights.items()}
     return build_network(backbone, tasks_from_spec(task_spec), input_size, config.arch,
                          init_logit=config.init_logit, gate_group=config.gate_group, task_weights=task_weights,
-                         mix="soft" if config.mix == "anneal" else config.mix)
+                         mix="soft" if config.mix == "anneal" else config.mix, tie_depthwise=config.tie_depthwise)
 
 
 TRAIN_MIXES = (*MIX_MODES, "anneal")
@@ -782,9 +783,9 @@ def finalize(net: MultiTaskNet, budget_flops: float | None, input_size: Sequence
     report: dict[str, Any] = {"before_projection": predict_flops(enc, (1, *input_size))}
     if budget_flops is not None:
         report["requested"] = budget_flops
-        before = [g.alpha.detach() > 0 for g in enc.gates()]
+        before = [g.alpha.detach() > 0 for g in enc.unique_gates()]
         report["predicted"] = project_to_budget(enc, budget_flops, (1, *input_size))
-        changed = sum(int((b != (g.alpha.detach() > 0)).sum()) for b, g in zip(before, enc.gates()))
+        changed = sum(int((b != (g.alpha.detach() > 0)).sum()) for b, g in zip(before, enc.unique_gates()))
         total = sum(b.numel() for b in before)
         report["changed_gates"], report["gates"] = changed, total
         off = report["before_projection"] / budget_flops - 1
