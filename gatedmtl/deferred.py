@@ -13,6 +13,10 @@ channel selection after it (a depthwise layer's input channels, a concat) is a s
   convolution, where ONNX Runtime fuses it;
 * ``index_select`` / ``narrow`` on the channel dim and ``torch.cat`` along it compose with the index
   (one gather instead of several);
+* the sum of two deferred tensors with the same layout (the same index over parts of the same
+  shapes, e.g. the outputs of two lean layers with one gate: a residual sum of tied layers) is
+  deferred over the parts' sums: ``cat(P)[i] + cat(Q)[i] == cat(P + Q)[i]``, each part sum computed
+  once however many streams read it;
 * anything else (a convolution, a residual add, a norm, a reshape, ...) gets the full tensor: the
   parts' concat (computed once per set of parts) and one gather.
 
@@ -55,6 +59,9 @@ _SCALAR_OPS: set[Callable] = {getattr(torch.Tensor, n) for n in (
 _SCALAR_IN_PLACE = {torch.Tensor.__iadd__: torch.Tensor.__add__, torch.Tensor.__isub__: torch.Tensor.__sub__,
                     torch.Tensor.__imul__: torch.Tensor.__mul__, torch.Tensor.__itruediv__: torch.Tensor.__truediv__}
 _POOLS_2D: set[Callable] = {F.max_pool2d, F.avg_pool2d}
+# sums of two tensors: two deferred tensors with one layout add part by part
+_ADDS: set[Callable] = {torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__radd__,
+                        torch.Tensor.__iadd__}
 
 
 def _is_plain(value: Any) -> bool:
@@ -179,6 +186,26 @@ class Deferred:
             parts.append(self.memo[k][0])
         return Deferred(parts, self.index, self.axis, self.memo)
 
+    def same_layout(self, other: Deferred) -> bool:
+        """Whether ``other`` reads parts of the same shapes with the same index (so that ops can pair the parts)."""
+        if other.axis != self.axis or len(other.parts) != len(self.parts):
+            return False
+        if any(p.shape != q.shape for p, q in zip(self.parts, other.parts)):
+            return False
+        if self.index is None or other.index is None:
+            return self.index is None and other.index is None
+        return self.index.shape == other.index.shape and bool(torch.equal(self.index, other.index))
+
+    def add_parts(self, other: Deferred) -> Deferred:
+        """``self + other`` part by part (both with the same layout), deferred; each pair of parts added once."""
+        parts = []
+        for p, q in zip(self.parts, other.parts):
+            k = ("add", id(p), id(q))
+            if k not in self.memo:
+                self.memo[k] = (p + q, p, q)
+            parts.append(self.memo[k][0])
+        return Deferred(parts, self.index, self.axis, self.memo)
+
     def select(self, index: Tensor) -> Deferred:
         """Channels ``index`` (positions in this tensor's channels) of this tensor, deferred."""
         base = self.index if self.index is not None else torch.arange(self.channels, device=index.device)
@@ -188,6 +215,9 @@ class Deferred:
     def __torch_function__(cls, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         x = args[0] if args else None
+        if (func in _ADDS and len(args) == 2 and not kwargs and isinstance(x, Deferred)
+                and isinstance(args[1], Deferred) and x.same_layout(args[1])):
+            return x.add_parts(args[1])
         if isinstance(x, Deferred):
             rest, plain = args[1:], _is_plain(args[1:]) and _is_plain(kwargs)
             if plain and func in _ELEMENTWISE:

@@ -35,8 +35,13 @@ class ProbeResult:
     unfolded: dict[str, str] = field(default_factory=dict)
     batch_independent: set[str] = field(default_factory=set)  # of those: inputs that do not depend on the batch
     # candidate -> the candidate whose output, through channel-wise functions only (activations,
-    # dropout, copies), is its first input on every call
+    # dropout, copies, pooling, resizing), is its first input on every call
     sources: dict[str, str] = field(default_factory=dict)
+    # the same through elementwise sums as well (the source is then one of the summed candidates)
+    stream_sources: dict[str, str] = field(default_factory=dict)
+    # pairs of candidates whose outputs (through channel-wise functions and earlier such sums) are added
+    # elementwise: a residual sum or a multi-branch fusion
+    sums: list[tuple[str, str]] = field(default_factory=list)
     output: Any = None
 
 
@@ -47,6 +52,10 @@ _CHANNEL_WISE: set = {
     torch.tanh, torch.tanh_, torch.clone, Tensor.relu, Tensor.relu_, Tensor.sigmoid, Tensor.sigmoid_, Tensor.tanh,
     Tensor.tanh_, Tensor.clone, Tensor.contiguous,
 }
+# channel-wise but spatial (the channel count stays, the spatial size may change)
+_SPATIAL: set = {F.max_pool2d, F.avg_pool2d, F.interpolate}
+# elementwise sums of two tensors
+_ADDS: set = {torch.add, Tensor.add, Tensor.add_, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__}
 
 
 class _UseRecorder(TorchFunctionMode):
@@ -59,7 +68,9 @@ class _UseRecorder(TorchFunctionMode):
         self.foreign: set[str] = set()
         self.consuming: list[int | None] = []
         self.paused = 0
-        self.made_by: dict[int, str] = {}  # id of a candidate's output (or a channel-wise function of it) -> candidate
+        # id of a candidate's output (or a channel-wise function or sum of it) -> (candidate, through a sum)
+        self.made_by: dict[int, tuple[str, bool]] = {}
+        self.sums: list[tuple[str, str]] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
@@ -70,10 +81,21 @@ class _UseRecorder(TorchFunctionMode):
                 if name is not None and id(t) != current:
                     self.foreign.add(name)
         out = func(*args, **kwargs)
-        if func in _CHANNEL_WISE and args and isinstance(args[0], Tensor) and isinstance(out, Tensor):
-            source = self.made_by.get(id(args[0]))
-            if source is not None and out.shape == args[0].shape:
-                self.made_by[id(out)] = source
+        if not (args and isinstance(args[0], Tensor) and isinstance(out, Tensor)):
+            return out
+        source = self.made_by.get(id(args[0]))
+        if source is None:
+            return out
+        x = args[0]
+        if (func in _CHANNEL_WISE and out.shape == x.shape) or (
+                func in _SPATIAL and out.dim() == x.dim() > 2 and out.shape[:2] == x.shape[:2]):
+            self.made_by[id(out)] = source
+            self.alive.append(out)
+        elif func in _ADDS and len(args) == 2 and isinstance(args[1], Tensor) and out.shape == x.shape == args[1].shape:
+            other = self.made_by.get(id(args[1]))
+            if other is not None:
+                self.sums.append((source[0], other[0]))
+                self.made_by[id(out)] = (source[0], True)
                 self.alive.append(out)
         return out
 
@@ -179,7 +201,7 @@ def probe(model: nn.Module, candidates: dict[str, nn.Module], example: Tensor) -
                 result.out_shapes[name] = tuple(output.shape)
         result.calls[name] += 1
         if isinstance(output, Tensor):
-            rec.made_by[id(output)] = name
+            rec.made_by[id(output)] = (name, False)
             rec.alive.append(output)
             if isinstance(module, nn.modules.conv._ConvNd):
                 rec.watched[id(output)] = name
@@ -204,7 +226,10 @@ def probe(model: nn.Module, candidates: dict[str, nn.Module], example: Tensor) -
         norm = norms[0]
         if all(p == conv for p in norm_inputs[norm]) and result.calls.get(norm) == calls:
             result.pairs[conv] = norm
-    result.sources = {n: s[0] for n, s in sources.items() if s[0] is not None and len(set(s)) == 1}
+    found = {n: s[0] for n, s in sources.items() if s[0] is not None and len(set(s)) == 1}
+    result.sources = {n: name for n, (name, summed) in found.items() if not summed}
+    result.stream_sources = {n: name for n, (name, _) in found.items()}
+    result.sums = list(dict.fromkeys(rec.sums))
     bigger = torch.cat([example, example[:1]])
     second = _input_shapes(model, candidates, bigger)
     _classify_batch_axes(result, candidates, first_shapes, second, (example.shape[0], bigger.shape[0]))

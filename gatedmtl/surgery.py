@@ -189,6 +189,7 @@ def convert(
     task_weights: Mapping[str, Mapping[str, Tensor]] | None = None,
     mix: str = "soft",
     tie_depthwise: bool = False,
+    tie_residual: bool = False,
 ) -> GatedModel:
     """Turn ``backbone`` into a :class:`GatedModel` with a shared slot and one slot per task.
 
@@ -214,6 +215,11 @@ def convert(
             task's own through both layers or shared through both, as one dependency group of
             channel pruning. Its lean copy reads the task's own channels as they come (no channel
             selection in front of it); see :attr:`GatedModel.tied_gates`.
+        tie_residual: gated layers whose outputs are added elementwise (the layers that write one
+            residual stream, the branches of a multi-branch fusion) use one gate, the gate of the
+            first of them: as channel pruning's dependency groups, a channel of the stream is then
+            the task's own in every layer that writes it or shared in all of them, and the lean
+            model adds the streams' branch outputs part by part (no channel gather per sum).
 
     Every slot starts as a copy of the backbone, so before training every task's output
     equals ``backbone(x)`` for any gate pattern.
@@ -259,6 +265,7 @@ def convert(
     if not gated_output:
         raise ValueError(f"{type(backbone).__name__} has no convolution or linear layer that gatedmtl can gate")
 
+    streams = _sum_groups(found.sums, gated_output.keys(), found.order) if tie_residual else {}
     where = _parents(model)
     order: list[str] = []
     gates: dict[str, ChannelGate] = {}  # gated unit -> its gate
@@ -275,8 +282,14 @@ def convert(
             linear = isinstance(producer, nn.Linear)
             channels = producer.out_features if linear else producer.out_channels
             group = layer_gate_group(producer, gate_group)
-            owner = _depthwise_input_gate(gated_output[name], producer, found.sources, gates) if tie_depthwise else None
-            if owner is not None and owner.channels == channels and owner.group == group and owner.channel_dim == 1:
+            # through a residual sum only when its layers are tied: the sum then has the gate's layout
+            inputs = found.stream_sources if tie_residual else found.sources
+            owner = _depthwise_input_gate(gated_output[name], producer, inputs, gates) if tie_depthwise else None
+            if owner is None and tie_residual:
+                first = next((n for n in streams.get(name, ()) if n in gates), None)
+                owner = gates[first] if first is not None else None
+            if (owner is not None and owner.channels == channels and owner.group == group
+                    and owner.channel_dim == (-1 if linear else 1)):
                 gate = owner
                 tied[name] = owner.name
             else:
@@ -299,6 +312,25 @@ def convert(
                 _load_task_weights(model.backbone, i + 1, task, task_weights[task])
     model.train(was_training)
     return model
+
+
+def _sum_groups(sums: Sequence[tuple[str, str]], gated: Any, order: Sequence[str]) -> dict[str, list[str]]:
+    """``{gated unit: the gated units of its group, in forward order}`` for the groups that ``sums`` join."""
+    parent: dict[str, str] = {}
+
+    def root(n: str) -> str:
+        while parent.setdefault(n, n) != n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for a, b in sums:
+        parent[root(a)] = root(b)
+    rank = {n: i for i, n in enumerate(order)}
+    members: dict[str, list[str]] = {}
+    for n in sorted((n for n in parent if n in gated), key=lambda n: rank.get(n, len(rank))):
+        members.setdefault(root(n), []).append(n)
+    return {n: group for group in members.values() if len(group) > 1 for n in group}
 
 
 def _depthwise_input_gate(conv_name: str, conv: nn.Module, sources: Mapping[str, str],

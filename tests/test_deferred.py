@@ -188,3 +188,26 @@ def test_deferral_leaves_the_flop_count_unchanged():
         m.defer = False
     assert gatedmtl.count_flops(lean, (1, 3, 64, 64)) == deferred
     assert abs(gatedmtl.predict_flops(model, (1, 3, 64, 64)) - deferred) <= 0.005 * deferred
+
+
+def test_sum_of_two_deferred_tensors_with_one_layout_adds_part_by_part(parts):
+    a, b, index = parts
+    g = torch.Generator().manual_seed(1)
+    c, d = torch.randn(a.shape, generator=g), torch.randn(b.shape, generator=g)
+    memo: dict = {}
+    x1, y1 = Deferred([a, b], index, 1, memo), Deferred([c, d], index, 1)
+    x2, y2 = Deferred([a, b], torch.tensor([2, 6]), 1, memo), Deferred([c, d], torch.tensor([2, 6]), 1)
+    s1, s2 = x1 + y1, torch.add(x2, y2)  # two streams of the same pair of layers
+    assert isinstance(s1, Deferred) and torch.equal(s1.index, index)
+    assert all(p is q for p, q in zip(s1.parts, s2.parts))  # each pair of parts added once
+    assert torch.equal(materialize(s1), _full(a, b, index) + _full(c, d, index))
+    assert torch.equal(materialize(s2), torch.cat([a, b], 1)[:, [2, 6]] + torch.cat([c, d], 1)[:, [2, 6]])
+    x = Deferred([a, b], index, 1)
+    x += y1  # in place on a deferred tensor: out of place, the parts stay as they were
+    assert isinstance(x, Deferred) and torch.equal(materialize(x), materialize(s1))
+    # another layout (other index, or parts of other widths): the full tensors are added
+    other = Deferred([c, d], torch.tensor([0, 1, 2, 3, 4, 5]), 1)
+    mixed = x1 + other
+    assert isinstance(mixed, torch.Tensor) and torch.equal(mixed, _full(a, b, index) + _full(c, d, torch.arange(6)))
+    narrow = Deferred([c[:, :2], torch.cat([c[:, 2:], d], 1)], index, 1)
+    assert isinstance(x1 + narrow, torch.Tensor)

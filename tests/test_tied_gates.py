@@ -1,4 +1,5 @@
-"""``convert(..., tie_depthwise=True)``: a depthwise conv fed by a gated layer uses that layer's gate."""
+"""Tied gates: ``convert(..., tie_depthwise=True)`` (a depthwise conv fed by a gated layer uses its gate) and
+``tie_residual=True`` (the gated layers that write one residual stream use one gate)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from torch import nn
 
 import gatedmtl
 from gatedmtl.budget import project_to_budget
-from gatedmtl.export import export_onnx
+from gatedmtl.export import export_onnx, relative_error
 from gatedmtl.verify import perturb_slots, set_gates
 
 TASKS = ("seg", "depth", "normals")
@@ -159,3 +160,60 @@ def test_checkpoint_of_tied_gates_round_trips(tmp_path):
     for a, b in zip(model.gates(), fresh.gates()):
         assert torch.equal(a.alpha, b.alpha)
     assert fresh.backbone.get_submodule("block.bn2").gate is fresh.backbone.get_submodule("block.bn1").gate
+
+
+class ResidualStage(nn.Module):
+    """stem -> two residual blocks (conv-BN-ReLU-conv-BN + x) -> a downsampling block (1x1 shortcut)."""
+
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.c1 = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for _ in range(3))
+        self.n1 = nn.ModuleList(nn.BatchNorm2d(c) for _ in range(3))
+        self.c2 = nn.ModuleList(nn.Conv2d(c, c if i < 2 else 2 * c, 3, padding=1) for i in range(3))
+        self.n2 = nn.ModuleList(nn.BatchNorm2d(c if i < 2 else 2 * c) for i in range(3))
+        self.down, self.down_bn = nn.Conv2d(c, 2 * c, 1), nn.BatchNorm2d(2 * c)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = torch.relu(self.bn(self.stem(x)))
+        for i in range(3):
+            y = self.n2[i](self.c2[i](torch.relu(self.n1[i](self.c1[i](x)))))
+            shortcut = x if i < 2 else self.down_bn(self.down(x))
+            x = torch.relu(y + shortcut)
+        return [x]
+
+
+def test_tie_residual_gives_each_residual_stream_one_gate():
+    model = gatedmtl.convert(ResidualStage().eval(), TASKS, input_size=(3, 16, 16), tie_residual=True)
+    assert model.tied_gates == {"n2.0": "bn", "n2.1": "bn", "down_bn": "n2.2"}  # the first in forward order owns
+    assert model.backbone.get_submodule("n2.1").gate is model.backbone.get_submodule("bn").gate
+    assert model.backbone.get_submodule("n1.0").gate is not model.backbone.get_submodule("bn").gate
+    timm_model = gatedmtl.convert(timm.create_model("resnet18", pretrained=False, features_only=True).eval(), TASKS,
+                                  input_size=(3, 32, 32), tie_residual=True)
+    assert len(set(timm_model.tied_gates.values())) == 4  # one stream per stage
+    assert len(timm_model.unique_gates()) == len(timm_model.gate_names) - 8
+
+
+@pytest.mark.parametrize("mix", ["soft", "hard"])
+def test_tied_residual_lean_model_adds_the_streams_part_by_part(mix, tmp_path):
+    shape = (1, 3, 16, 16)
+    counts = {}
+    for tie in (False, True):
+        model = gatedmtl.convert(ResidualStage().eval(), TASKS, input_size=shape[1:], tie_residual=tie, mix=mix).eval()
+        perturb_slots(model, generator=torch.Generator().manual_seed(1))
+        set_gates(model, 0.5, torch.Generator().manual_seed(2))
+        lean = gatedmtl.prune(model).eval()
+        x = torch.randn(2, *shape[1:])
+        with torch.no_grad():
+            ref, got = model(x), lean(x)
+        for t in TASKS:
+            assert relative_error(got[t][0], ref[t][0]) <= 1e-4
+        assert gatedmtl.predict_flops(model, shape) == gatedmtl.count_flops(lean, shape)
+        report = export_onnx(lean, tmp_path / f"{tie}.onnx", shape)
+        assert max(report.max_rel_error.values()) <= 1e-4
+        graph = onnx.load(str(tmp_path / f"{tie}.onnx")).graph
+        producer = {o: n.op_type for n in graph.node for o in n.output}
+        adds = [n for n in graph.node if n.op_type == "Add" and all(i in producer for i in n.input)]
+        counts[tie] = sum(all(producer[i] == "Gather" for i in n.input) for n in adds)
+    if mix == "hard":  # untied, the residual sums add two restored (gathered) tensors; tied, they add branch outputs
+        assert counts[False] > 0 and counts[True] == 0
