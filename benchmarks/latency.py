@@ -231,14 +231,14 @@ def _gate_mix(mix: str) -> str:
 
 
 def train_gates(name: str, tasks: tuple[str, ...], group: int, steps: int, epochs: int, seed: int, tmp: Path,
-                log, mix: str = "soft", tie_depthwise: bool = False) -> tuple[dict[str, torch.Tensor], tuple[str, ...], dict]:
+                log, mix: str = "soft", ties: dict[str, bool] | None = None) -> tuple[dict[str, torch.Tensor], tuple[str, ...], dict]:
     """A short training run at budget 0.5 (embedded scenes, 64x96); the projected encoder's state dict."""
     from gatedmtl.train import TrainConfig, Trainer
 
     config = TrainConfig(model=name, tasks=("seg", "depth", "normals")[: len(tasks)], image_size=(64, 96),
                          train_length=steps * 8, val_length=8, budget="0.5", epochs=epochs, steps_per_epoch=steps,
                          batch_size=8, lr=2e-3, gate_lr=0.05, gate_group=group, mix=mix, seed=seed,
-                         tie_depthwise=tie_depthwise,
+                         **(ties or {}),
                          out=str(tmp / f"train-{name}-{mix}"), device="cpu", progress=False)
     t0 = time.perf_counter()
     trainer = Trainer(config)
@@ -279,15 +279,15 @@ def bench_model(name: str, size: tuple[int, int], tasks: tuple[str, ...], densit
     train_report = None
     for mix in args.mixes:  # the same weights (perturbation seed) and gates (set_gates seed) for every mix
         model = gatedmtl.convert(backbone, tasks, input_size=shape[1:], gate_group=group, mix=_gate_mix(mix),
-                                 tie_depthwise=args.tie_depthwise).eval()
+                                 **args.ties).eval()
         perturb_slots(model, generator=torch.Generator().manual_seed(args.seed))
         variants += [("random", d, mix, model) for d in densities]
     for mix in [] if args.no_train else args.mixes:
         state, trained_tasks, report = train_gates(name, tasks, group, args.train_steps, args.train_epochs,
-                                                   args.seed, tmp, log, mix, args.tie_depthwise)
+                                                   args.seed, tmp, log, mix, args.ties)
         train_report = (train_report or {}) | {mix: report}
         fresh = gatedmtl.convert(build_backbone(name), trained_tasks, input_size=shape[1:], gate_group=group,
-                                 mix=_gate_mix(mix), tie_depthwise=args.tie_depthwise).eval()
+                                 mix=_gate_mix(mix), **args.ties).eval()
         trained_gates = set(k for k in state if k.endswith((".gate.alpha", ".gate.beta")))
         fresh_gates = set(k for k in fresh.state_dict() if k.endswith((".gate.alpha", ".gate.beta")))
         if trained_gates != fresh_gates:
@@ -553,8 +553,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="ORT graph optimisation level ('all' includes the NCHWc layout transform)")
     p.add_argument("--gate-group", type=int, default=DEFAULT_GROUP, help="channels per gate (convert's gate_group)")
     p.add_argument("--mix", default="soft", help="shared-slot mix of the gated models: soft, hard, anneal (the training default) or a list such as soft,hard")
-    p.add_argument("--tie-depthwise", action="store_true",
-                   help="convert (and train) with tied depthwise gates (convert's tie_depthwise); results get '_tied'")
+    p.add_argument("--tie", default="", help="gate tying of the conversions (and training runs): depthwise, residual or "
+                                             "depthwise,residual (convert's tie_depthwise / tie_residual); results "
+                                             "get '_tied' plus the tyings")
     p.add_argument("--no-train", action="store_true", help="skip the trained-gates rows")
     p.add_argument("--train-steps", type=int, default=25, help="steps per epoch of the short training run")
     p.add_argument("--train-epochs", type=int, default=4)
@@ -562,6 +563,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
     args.mixes = [m.strip() for m in args.mix.split(",") if m.strip()]
+    args.ties_list = sorted({t.strip() for t in args.tie.split(",") if t.strip()})
+    if any(t not in ("depthwise", "residual") for t in args.ties_list):
+        p.error(f"--tie takes depthwise, residual or both, got {args.tie!r}")
+    args.ties = {f"tie_{t}": True for t in args.ties_list}
     if not args.mixes or any(m not in TRAIN_MIXES for m in args.mixes) or len(set(args.mixes)) < len(args.mixes):
         p.error(f"--mix takes soft, hard, anneal or a comma-separated list of them, got {args.mix!r}")
     if not args.no_train and args.tasks > 3:
@@ -569,7 +574,9 @@ def main(argv: list[str] | None = None) -> int:
     stem = "latency" + (f"_group{args.gate_group}" if args.gate_group != DEFAULT_GROUP else "")
     stem += f"_{args.opt_level}" if args.opt_level != "all" else ""
     stem += {("soft",): "", ("hard",): "_hardmix", ("anneal",): "_annealmix"}.get(tuple(args.mixes), "_mixes")
-    stem += "_tied" if args.tie_depthwise else ""
+    stem += "".join(f"_{t}" for t in sorted(args.ties_list))
+    stem = stem.replace("_depthwise_residual", "_tied").replace("_depthwise", "_tied_depthwise").replace(
+        "_residual", "_tied_residual")
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
     tasks = tuple(f"task{i}" for i in range(args.tasks))
@@ -602,8 +609,10 @@ def main(argv: list[str] | None = None) -> int:
     args.train_steps = steps
     meta = {"tasks": f"T = {args.tasks}",
             "gates": f"one per {args.gate_group} channel(s)" + (
-                "; depthwise convs fed by a gated layer use that layer's gates (convert(..., tie_depthwise=True))"
-                if args.tie_depthwise else ""),
+                "".join({"depthwise": "; depthwise convs fed by a gated layer use that layer's gates (convert(..., "
+                                      "tie_depthwise=True))",
+                         "residual": "; the gated layers that write one residual stream use one gate (convert(..., "
+                                     "tie_residual=True))"}[t] for t in args.ties_list)),
             "shared mix": "; ".join({"soft": "soft: softmax of beta, a Mul/Add chain per layer in the lean graph",
                                      "hard": "hard (rows marked 'hard mix'): one-hot argmax of beta (random rows: "
                                              "of the same random beta), one channel gather per layer in the lean "

@@ -7,10 +7,12 @@ straight-through) and ``mix="anneal"`` (soft, its temperature lowered from 1 to 
 budget, projects each onto the budget, prunes it and evaluates the lean model. ΔMTL (mIoU, depth RMSE, normals mean angle) is given
 against single-task networks (trained here with ``--train-stl``, or read from ``--stl-json``: a
 JSON file with ``{"results": {"single-task (3 networks)": {task: metrics}}}`` from runs with the
-same settings) and every mix against soft. Writes ``mix_comparison.md/.csv`` under ``--out``. Usage::
+same settings) and every mix against soft. A mix may carry gate tying, e.g. ``anneal+tie-residual``
+(``convert(..., tie_residual=True)``) or ``anneal+tie-residual+tie-depthwise``. Writes
+``mix_comparison.md/.csv`` under ``--out``. Usage::
 
     python benchmarks/mix_comparison.py (--train-stl | --stl-json FILE) [--model resnet18] [--steps 240]
-        [--budget 0.5] [--seeds 0] [--mixes soft,hard,anneal] [--mix-anneal 0.5,0.9]
+        [--budget 0.5] [--seeds 0] [--mixes soft,hard,anneal,anneal+tie-residual] [--mix-anneal 0.5,0.9]
 """
 
 from __future__ import annotations
@@ -28,6 +30,16 @@ from gatedmtl.tasks import delta_mtl
 from gatedmtl.train import TrainConfig, Trainer, evaluate
 
 TASKS = ("seg", "depth", "normals")
+TIES = {"tie-residual": "tie_residual", "tie-depthwise": "tie_depthwise"}
+
+
+def parse_variant(spec: str) -> tuple[str, dict[str, bool]]:
+    """``"anneal+tie-residual"`` -> ``("anneal", {"tie_residual": True})``."""
+    mix, *ties = spec.split("+")
+    unknown = [t for t in ties if t not in TIES]
+    if unknown:
+        raise SystemExit(f"unknown tying {unknown} in {spec!r}; choose from {sorted(TIES)}")
+    return mix, {TIES[t]: True for t in ties}
 STL_KEY = "single-task (3 networks)"
 
 
@@ -72,8 +84,9 @@ def main() -> None:
     tasks = None
     cache = Path(a.cache) if a.cache else None
     for seed in (int(s) for s in a.seeds.split(",")):
-        for mix in [m.strip() for m in a.mixes.split(",") if m.strip()]:
-            cached = cache / f"{seed}_{mix}.json" if cache else None
+        for spec in [m.strip() for m in a.mixes.split(",") if m.strip()]:
+            mix, ties = parse_variant(spec)
+            cached = cache / f"{seed}_{spec}.json" if cache else None
             if cached is not None and cached.is_file():
                 entry = json.loads(cached.read_text())
                 results[(seed, mix)], row = entry["results"], entry["row"]
@@ -83,7 +96,7 @@ def main() -> None:
                 continue
             start = time.perf_counter()
             tr = Trainer(TrainConfig(**base, tasks=TASKS, arch="gated", budget=a.budget, mix=mix, seed=seed,
-                                     mix_anneal=anneal, out=str(tmp / f"gated_{mix}_{seed}")))
+                                     mix_anneal=anneal, out=str(tmp / f"gated_{spec}_{seed}"), **ties))
             tr.fit()
             trained = tr.evaluate()
             lean, report = tr.finalize()
@@ -91,9 +104,9 @@ def main() -> None:
             tasks = tr.tasks
             results[(seed, mix)] = res
             enc = tr.net.encoder
-            masks = [g.open_mask() for g in enc.gates()]
+            masks = [g.open_mask() for g in enc.unique_gates()]
             layers = [m for _, m in lean.encoder.lean_layers()]
-            rows.append({"seed": seed, "mix": mix, "steps": steps, "train s": f"{time.perf_counter() - start:.0f}",
+            rows.append({"seed": seed, "mix": spec, "steps": steps, "train s": f"{time.perf_counter() - start:.0f}",
                          "cost before projection / budget": f"{report['before_projection'] / report['requested']:.3f}",
                          "gates changed by projection": f"{report['changed_gates']} of {report['gates']}",
                          "open": f"{sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks):.2f}",

@@ -102,6 +102,9 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--tie-depthwise", action="store_true",
                    help="a depthwise conv fed by a gated layer (an inverted residual's expansion) uses that layer's "
                         "gates: its lean copy then needs no channel selection in front of it (faster lean model)")
+    p.add_argument("--tie-residual", action="store_true",
+                   help="the gated layers whose outputs are added (one residual stream, a multi-branch fusion) use one "
+                        "gate: the lean model then adds their branch outputs without channel gathers (faster)")
     p.add_argument("--tau", default="", help="GatedMTL's per-task targets (fraction of task-specific channels), "
                                              "e.g. seg=0.3,depth=0.5")
     p.add_argument("--balance", default="ew", help="loss-balancing strategy ('list' prints them)")
@@ -144,6 +147,7 @@ def _config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         grad_clip=args.grad_clip or None, lambda_s=args.lambda_s, sparsity_warmup=args.sparsity_warmup,
         init_logit=args.init_logit, gate_group=args.gate_group, mix=args.mix,
         mix_anneal=_fractions(args.mix_anneal, "--mix-anneal"), tie_depthwise=args.tie_depthwise,
+        tie_residual=args.tie_residual,
         budget_mode=args.budget_mode,
         tau={k: float(v) for k, v in _kv(args.tau, "--tau").items()}, balance=args.balance,
         balance_options={k: _value(v) for k, v in _kv(args.balance_opt, "--balance-opt").items()},
@@ -386,7 +390,7 @@ def _verify(args: argparse.Namespace, explicit: set[str]) -> int:
                                                                    "; see timm.list_models()"))
     backbone = timm.create_model(args.model, pretrained=False, features_only=args.features_only)
     report = verify(backbone, input_size=_size(args.input) if args.input else None, mix=args.mix,
-                    tie_depthwise=args.tie_depthwise)
+                    tie_depthwise=args.tie_depthwise, tie_residual=args.tie_residual)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:
@@ -427,6 +431,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p.add_argument("--features-only", action="store_true", help="build the timm model with features_only=True")
     p.add_argument("--mix", default="soft", choices=["soft", "hard"], help="shared-branch mix of the conversion")
     p.add_argument("--tie-depthwise", action="store_true", help="convert with convert(..., tie_depthwise=True)")
+    p.add_argument("--tie-residual", action="store_true", help="convert with convert(..., tie_residual=True)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     sub.add_parser("profile", help="FLOPs, params, per-slot/per-layer table and ORT latency (see profile --help)")
     return parser, subs

@@ -1,7 +1,8 @@
 """Instrumented forward passes of a plain backbone: which modules run, in what order, which
 convolutions feed a channel-wise norm *exclusively* (so the gate can sit after the norm,
-keeping conv+norm fusable in the lean model), and which modules receive an input whose batch
-axis is not the model's batch (a second pass at another batch size tells)."""
+keeping conv+norm fusable in the lean model), which module's output reaches each module's input
+through channel-wise ops, which modules' outputs are added (for tied gates), and which modules
+receive an input whose batch axis is not the model's batch (a second pass at another batch size tells)."""
 
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ _ADDS: set = {torch.add, Tensor.add, Tensor.add_, Tensor.__add__, Tensor.__radd_
 
 
 class _UseRecorder(TorchFunctionMode):
-    """Marks a watched tensor as used when any torch function outside its consumer reads it."""
+    """Marks a watched tensor as used when any torch function outside its consumer reads it, and
+    follows every candidate's output through channel-wise functions and elementwise sums."""
 
     def __init__(self) -> None:
         super().__init__()

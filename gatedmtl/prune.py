@@ -12,7 +12,10 @@ The lean graph is laid out for ONNX Runtime. Normally the computed slots run as 
 layer the branch convs (conv+BN pairs stay adjacent, so they fold), one Concat of the branch
 outputs, and per partly open task one Gather, left deferred (:mod:`gatedmtl.deferred`) until an
 op needs the full tensor, so that activations after the layer fuse into the branch convs and a
-depthwise layer's input selection composes into the same gather. The shared slot reads a Mul/Add
+depthwise layer's input selection composes into the same gather (none at all where the depthwise
+layer's gate is its input layer's: ``convert(..., tie_depthwise=True)``, the task reads its own
+branch output as it is), and a residual sum of two layers with one gate (``tie_residual=True``)
+adds their branch outputs part by part instead of two gathered tensors. The shared slot reads a Mul/Add
 mix of the tasks (soft mix; skipped where the shared slot is dead or every task borrows every
 channel) or one more Gather (hard mix). Where the streams cannot run a backbone, the slots are
 folded on the batch axis (one Reshape + Gathers to split them per layer, one Concat to join them).

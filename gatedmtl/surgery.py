@@ -86,8 +86,8 @@ class GatedModel(nn.Module):
         batch_independent: those of ``shared_modules`` whose input does not depend on the
             batch: they run once per forward pass, whatever the batch and the number of slots.
         tied_gates: ``{gated layer: gated layer whose gate it uses}`` (``convert(...,
-            tie_depthwise=True)``); :meth:`gates` lists such a gate once per layer that uses it,
-            :meth:`unique_gates` once.
+            tie_depthwise=True, tie_residual=True)``); :meth:`gates` lists such a gate once per
+            layer that uses it, :meth:`unique_gates` once.
     """
 
     def __init__(self, backbone: nn.Module, tasks: Sequence[str], gate_names: Sequence[str],

@@ -99,6 +99,7 @@ class TrainConfig:
     # (straight-through one-hot argmax from the start)
     mix_anneal: tuple[float, float] = (0.5, 0.9)  # fractions of the training steps (mix="anneal")
     tie_depthwise: bool = False  # a depthwise conv fed by a gated layer uses that layer's gate (see convert)
+    tie_residual: bool = False  # the gated layers that write one residual stream use one gate (see convert)
     tau: dict[str, float] = field(default_factory=dict)
     lambda_tau: float = 1.0
     balance: str = "ew"
@@ -299,7 +300,8 @@ def build_from_config(config: TrainConfig, task_spec: Mapping[str, Mapping[str, 
         task_weights = {t: load_weights(p) for t, p in config.init_task_weights.items()}
     return build_network(backbone, tasks_from_spec(task_spec), input_size, config.arch,
                          init_logit=config.init_logit, gate_group=config.gate_group, task_weights=task_weights,
-                         mix="soft" if config.mix == "anneal" else config.mix, tie_depthwise=config.tie_depthwise)
+                         mix="soft" if config.mix == "anneal" else config.mix, tie_depthwise=config.tie_depthwise,
+                         tie_residual=config.tie_residual)
 
 
 TRAIN_MIXES = (*MIX_MODES, "anneal")

@@ -51,7 +51,7 @@ def _onnx_vs_torch(onnx_path: Path, checkpoint: Path) -> float:
 
 @pytest.mark.parametrize("extra", [[], ["--gate-group", "8"], ["--mix", "soft"], ["--mix", "hard"],
                                    ["--mix", "anneal", "--mix-anneal", "0.25,0.75"], ["--arch", "shared"],
-                                   ["--model", "mobilenetv3_small_050", "--tie-depthwise"]],
+                                   ["--model", "mobilenetv3_small_050", "--tie-depthwise", "--tie-residual"]],
                          ids=["gated", "group8", "softmix", "hardmix", "annealmix", "shared", "tied"])
 def test_train_eval_prune_export_round_trip(tmp_path, capsys, extra):
     run = tmp_path / "run"
@@ -64,8 +64,12 @@ def test_train_eval_prune_export_round_trip(tmp_path, capsys, extra):
     assert net.tasks == tuple(TASKS.split(","))
     if "--arch" not in extra:
         assert net.encoder.tasks == tuple(TASKS.split(","))
-        # the depthwise gates come back tied (one gate object for two layers) exactly when the run tied them
-        assert bool(net.encoder.tied_gates) == ("--tie-depthwise" in extra)
+        # the gates come back tied (one gate object for several layers) exactly when the run tied them; with
+        # --tie-residual one gate owns several layers (a stream), with --tie-depthwise alone each owns one
+        tied = net.encoder.tied_gates
+        assert bool(tied) == ("--tie-depthwise" in extra)
+        if "--tie-residual" in extra:
+            assert len(set(tied.values())) < len(tied)
         for layer, owner in net.encoder.tied_gates.items():
             assert net.encoder.backbone.get_submodule(layer).gate is net.encoder.backbone.get_submodule(owner).gate
 
