@@ -7,9 +7,9 @@ straight-through) and ``mix="anneal"`` (soft, its temperature lowered from 1 to 
 budget, projects each onto the budget, prunes it and evaluates the lean model. ΔMTL (mIoU, depth RMSE, normals mean angle) is given
 against single-task networks (trained here with ``--train-stl``, or read from ``--stl-json``: a
 JSON file with ``{"results": {"single-task (3 networks)": {task: metrics}}}`` from runs with the
-same settings) and every mix against soft. A mix may carry gate tying, e.g. ``anneal+tie-residual``
+same settings) and every mix against soft (where the seed has a soft run). A mix may carry gate tying, e.g. ``anneal+tie-residual``
 (``convert(..., tie_residual=True)``) or ``anneal+tie-residual+tie-depthwise``. Writes
-``mix_comparison.md/.csv`` under ``--out``. Usage::
+``mix_comparison.md/.csv`` (``mix_comparison_<model>`` for a model other than resnet18) under ``--out``. Usage::
 
     python benchmarks/mix_comparison.py (--train-stl | --stl-json FILE) [--model resnet18] [--steps 240]
         [--budget 0.5] [--seeds 0] [--mixes soft,hard,anneal,anneal+tie-residual] [--mix-anneal 0.5,0.9]
@@ -40,6 +40,8 @@ def parse_variant(spec: str) -> tuple[str, dict[str, bool]]:
     if unknown:
         raise SystemExit(f"unknown tying {unknown} in {spec!r}; choose from {sorted(TIES)}")
     return mix, {TIES[t]: True for t in ties}
+
+
 STL_KEY = "single-task (3 networks)"
 
 
@@ -54,8 +56,9 @@ def main() -> None:
     p.add_argument("--mixes", default="soft,hard,anneal", help="mixes to train per seed (the table needs soft for "
                                                                 "the 'vs soft' column)")
     p.add_argument("--mix-anneal", default="0.5,0.9", help="START,END of mix=anneal, fractions of the steps")
-    p.add_argument("--cache", default=None, help="folder of finished runs (<seed>_<mix>.json): runs found there are "
-                                                  "not trained again, new ones are added (lets runs go in parallel)")
+    p.add_argument("--cache", default=None, help="folder of finished runs (<seed>_<mix>.json, stl.json): runs found "
+                                                  "there are not trained again, new ones are added (lets runs go in "
+                                                  "parallel)")
     p.add_argument("--train-stl", action="store_true", help="train the single-task networks here (seed 0)")
     p.add_argument("--stl-json", default=None, help="single-task metrics of runs with the same settings (see above)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -70,26 +73,33 @@ def main() -> None:
     steps = epochs * (a.steps // epochs)
     anneal = tuple(float(v) for v in a.mix_anneal.split(","))
     tmp = Path(tempfile.mkdtemp(prefix="gatedmtl-mix-"))
+    cache = Path(a.cache) if a.cache else None
     if a.train_stl:
-        stl = {}
-        for t in TASKS:
-            tr = Trainer(TrainConfig(**base, tasks=(t,), arch="shared", budget=None, out=str(tmp / f"stl_{t}")))
-            tr.fit()
-            stl[t] = tr.evaluate()[t]
+        stl_cached = cache / "stl.json" if cache else None
+        if stl_cached is not None and stl_cached.is_file():
+            stl = json.loads(stl_cached.read_text())
+        else:
+            stl = {}
+            for t in TASKS:
+                tr = Trainer(TrainConfig(**base, tasks=(t,), arch="shared", budget=None, out=str(tmp / f"stl_{t}")))
+                tr.fit()
+                stl[t] = tr.evaluate()[t]
+            if stl_cached is not None:
+                stl_cached.parent.mkdir(parents=True, exist_ok=True)
+                stl_cached.write_text(json.dumps(stl, indent=2))
         stl_note = f"single-task networks trained here ({steps} steps, seed 0)"
     else:
         stl = json.loads(Path(a.stl_json).read_text())["results"][STL_KEY]
         stl_note = f"single-task metrics read from {Path(a.stl_json).name}"
     rows, results = [], {}
     tasks = None
-    cache = Path(a.cache) if a.cache else None
     for seed in (int(s) for s in a.seeds.split(",")):
         for spec in [m.strip() for m in a.mixes.split(",") if m.strip()]:
             mix, ties = parse_variant(spec)
             cached = cache / f"{seed}_{spec}.json" if cache else None
             if cached is not None and cached.is_file():
                 entry = json.loads(cached.read_text())
-                results[(seed, mix)], row = entry["results"], entry["row"]
+                results[(seed, spec)], row = entry["results"], entry["row"]
                 rows.append(row)
                 tasks = Trainer(TrainConfig(**base, tasks=TASKS, arch="gated", budget=a.budget,
                                             out=str(tmp / "tasks"))).tasks
@@ -102,7 +112,7 @@ def main() -> None:
             lean, report = tr.finalize()
             res = evaluate(lean, tr.val_set, tr.tasks, a.batch)
             tasks = tr.tasks
-            results[(seed, mix)] = res
+            results[(seed, spec)] = res
             enc = tr.net.encoder
             masks = [g.open_mask() for g in enc.unique_gates()]
             layers = [m for _, m in lean.encoder.lean_layers()]
@@ -143,7 +153,8 @@ def main() -> None:
             "ΔMTL % vs soft (same seed)", "lean GFLOPs", "open", "cost before projection / budget",
             "gates changed by projection", "lean shared mixes", "trained (before projection) seg / depth / normals",
             "train s"]
-    write_table("mix_comparison", "Soft, hard and annealed shared mix on the embedded scenes", notes, rows, cols,
+    name = "mix_comparison" if a.model == "resnet18" else f"mix_comparison_{a.model}"
+    write_table(name, "Soft, hard and annealed shared mix on the embedded scenes", notes, rows, cols,
                 out=a.out)
 
 
