@@ -99,9 +99,10 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--mix-anneal", default="0.5,0.9",
                    help="with --mix anneal: START,END fractions of the training steps; soft until START, the "
                         "temperature falls from 1 to 0.01 until END, hard after END")
-    p.add_argument("--tie-depthwise", action="store_true",
+    p.add_argument("--tie-depthwise", action=argparse.BooleanOptionalAction, default=True,
                    help="a depthwise conv fed by a gated layer (an inverted residual's expansion) uses that layer's "
-                        "gates: its lean copy then needs no channel selection in front of it (faster lean model)")
+                        "gates: its lean copy then needs no channel selection in front of it (faster lean model; "
+                        "the default, --no-tie-depthwise gives the depthwise conv gates of its own)")
     p.add_argument("--tie-residual", action="store_true",
                    help="the gated layers whose outputs are added (one residual stream, a multi-branch fusion) use one "
                         "gate: the lean model then adds their branch outputs without channel gathers (faster)")

@@ -98,7 +98,8 @@ class TrainConfig:
     # MixAnneal; the lean model's shared slot is a channel selection), "soft" (softmax of beta, the paper's) or "hard"
     # (straight-through one-hot argmax from the start)
     mix_anneal: tuple[float, float] = (0.5, 0.9)  # fractions of the training steps (mix="anneal")
-    tie_depthwise: bool = False  # a depthwise conv fed by a gated layer uses that layer's gate (see convert)
+    tie_depthwise: bool = True  # a depthwise conv fed by a gated layer uses that layer's gate (see convert; a
+    # faster lean model: benchmarks/results/latency_annealmix_tied_depthwise.md, mix_comparison_mobilenetv3_large_100.md)
     tie_residual: bool = False  # the gated layers that write one residual stream use one gate (see convert)
     tau: dict[str, float] = field(default_factory=dict)
     lambda_tau: float = 1.0
@@ -153,6 +154,7 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
         kwargs.setdefault("mix", "soft")  # saved before the field existed: those runs mixed softly
+        kwargs.setdefault("tie_depthwise", False)  # saved before the field existed: converted untied
         for key in ("tasks", "image_size", "mix_anneal"):
             if key in kwargs and kwargs[key] is not None:
                 kwargs[key] = tuple(kwargs[key])

@@ -217,3 +217,16 @@ def test_tied_residual_lean_model_adds_the_streams_part_by_part(mix, tmp_path):
         counts[tie] = sum(all(producer[i] == "Gather" for i in n.input) for n in adds)
     if mix == "hard":  # untied, the residual sums add two restored (gathered) tensors; tied, they add branch outputs
         assert counts[False] > 0 and counts[True] == 0
+
+
+def test_training_ties_depthwise_by_default_and_old_configs_load_untied():
+    from gatedmtl.cli import _parser
+    from gatedmtl.train import TrainConfig
+
+    assert TrainConfig().tie_depthwise and not TrainConfig().tie_residual
+    saved = {k: v for k, v in TrainConfig().to_json().items() if k != "tie_depthwise"}
+    assert TrainConfig.from_json(saved).tie_depthwise is False  # run saved before the option: converted untied
+    assert TrainConfig.from_json(TrainConfig().to_json()).tie_depthwise is True
+    parser, _ = _parser()
+    assert parser.parse_args(["train"]).tie_depthwise is True
+    assert parser.parse_args(["train", "--no-tie-depthwise"]).tie_depthwise is False
