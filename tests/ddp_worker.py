@@ -48,7 +48,8 @@ def datasets_for(config: TrainConfig, valid_everywhere: bool):
 
 
 def rank_state(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in trainer.state_tensors().items() if not k.startswith("rng.")}
+    """Every state tensor as its own copy (a tied gate's logits appear under each layer that uses the gate)."""
+    return {k: v.detach().cpu().clone() for k, v in trainer.state_tensors().items() if not k.startswith("rng.")}
 
 
 def run_all(spec: dict) -> None:
