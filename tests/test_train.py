@@ -437,8 +437,10 @@ def _assert_ranks_identical(states: list[dict[str, torch.Tensor]], name: str) ->
             assert ref[k].dtype == other[k].dtype and torch.equal(ref[k], other[k]), f"{name}: {k} differs between ranks"
 
 
-def _assert_equals_one_process(tmp_path: Path, run: dict, two: dict[str, torch.Tensor], nproc: int = 2) -> None:
-    """The same training in this process on the global batch (``nproc`` x the per-rank batch)."""
+def _assert_equals_one_process(tmp_path: Path, run: dict, two: dict[str, torch.Tensor], nproc: int = 2,
+                               rtol: float = 1e-4) -> None:
+    """The same training in this process on the global batch (``nproc`` x the per-rank batch), to ``rtol``
+    of each tensor's largest entry."""
     sys.path.insert(0, str(REPO / "tests"))
     try:
         from ddp_worker import datasets_for, rank_state
@@ -458,7 +460,7 @@ def _assert_equals_one_process(tmp_path: Path, run: dict, two: dict[str, torch.T
             continue
         scale = float(a.abs().max()) if a.numel() else 0.0
         diff = float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
-        assert diff <= 1e-5 * scale + 1e-9, f"{run['name']}: {k} is {diff:.3g} off (scale {scale:.3g})"
+        assert diff <= rtol * scale + 1e-9, f"{run['name']}: {k} is {diff:.3g} off (scale {scale:.3g})"
         moved += k.startswith("optim.")
     assert moved > 0  # the optimizer state was compared too
 
@@ -488,6 +490,12 @@ def test_two_process_ranks_are_bit_identical_and_equal_one_process(tmp_path):
 
 
 STATEFUL_DDP = ["uw", "dwa", "famo", "go4align", "gradnorm", "rlw", "pcgrad", "nash_mtl", "mgda", "si", "imtl_g"]
+# The all-reduced sum rounds differently from one process's sum (another summation order); after
+# two SGD steps the runs differ by up to 2.7e-5 of a tensor's largest entry (EW on the shared arch,
+# PCGrad, IMTL-G; the same with and without tied gates), and by up to 1e-3 where a solver stops at
+# its own tolerance on gradients that differ in their last bits (Nash-MTL 3.1e-4, MGDA 9.8e-4).
+# A wrong weight or a missed all-reduce would be off by percents.
+ONE_PROCESS_RTOL = {"nash_mtl": 3e-3, "mgda": 3e-3}
 
 
 @pytest.mark.slow
@@ -508,7 +516,7 @@ def test_two_process_every_strategy_state_and_one_process_equivalence(tmp_path):
         states = _rank_states(tmp_path, run["name"])
         _assert_ranks_identical(states, run["name"])
         if run.get("valid_everywhere"):
-            _assert_equals_one_process(tmp_path, run, states[0])
+            _assert_equals_one_process(tmp_path, run, states[0], rtol=ONE_PROCESS_RTOL.get(run["name"], 1e-4))
     # an existing run: every rank refuses (none is left waiting for the others)
     again = _torchrun(tmp_path, runs[:1], check=False)
     assert again.returncode != 0 and again.stderr.count("already holds a run") >= 2, again.stderr[-3000:]
