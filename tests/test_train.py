@@ -438,7 +438,7 @@ def _assert_ranks_identical(states: list[dict[str, torch.Tensor]], name: str) ->
 
 
 def _assert_equals_one_process(tmp_path: Path, run: dict, two: dict[str, torch.Tensor], nproc: int = 2,
-                               rtol: float = 1e-4) -> None:
+                               rtol: float = 1e-5) -> None:
     """The same training in this process on the global batch (``nproc`` x the per-rank batch), to ``rtol``
     of each tensor's largest entry."""
     sys.path.insert(0, str(REPO / "tests"))
