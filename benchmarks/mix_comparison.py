@@ -101,8 +101,9 @@ def main() -> None:
                 entry = json.loads(cached.read_text())
                 results[(seed, spec)], row = entry["results"], entry["row"]
                 rows.append(row)
-                tasks = Trainer(TrainConfig(**base, tasks=TASKS, arch="gated", budget=a.budget,
-                                            out=str(tmp / "tasks"))).tasks
+                if tasks is None:  # the task objects (metrics' directions) of a run read from the cache
+                    tasks = Trainer(TrainConfig(**base, tasks=TASKS, arch="gated", budget=a.budget,
+                                                out=str(tmp / "tasks"))).tasks
                 continue
             start = time.perf_counter()
             tr = Trainer(TrainConfig(**base, tasks=TASKS, arch="gated", budget=a.budget, mix=mix, seed=seed,
