@@ -30,7 +30,7 @@ from gatedmtl.tasks import delta_mtl
 from gatedmtl.train import TrainConfig, Trainer, evaluate
 
 TASKS = ("seg", "depth", "normals")
-TIES = {"tie-residual": "tie_residual", "tie-depthwise": "tie_depthwise"}
+TIES = {"tie-residual": "tie_residual", "tie-depthwise": "tie_depthwise", "skip-dw-mix": "skip_depthwise_mix"}
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, bool]]:

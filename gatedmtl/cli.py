@@ -106,6 +106,10 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--tie-residual", action="store_true",
                    help="the gated layers whose outputs are added (one residual stream, a multi-branch fusion) use one "
                         "gate: the lean model then adds their branch outputs without channel gathers (faster)")
+    p.add_argument("--skip-depthwise-mix", action=argparse.BooleanOptionalAction, default=False,
+                   help="with --tie-depthwise: a layer that only tied depthwise convs read (an inverted residual's "
+                        "expansion) passes its shared branch on to them without the tasks' mix, which then happens "
+                        "once per expansion + depthwise pair (the lean model needs no channel selection there)")
     p.add_argument("--tau", default="", help="GatedMTL's per-task targets (fraction of task-specific channels), "
                                              "e.g. seg=0.3,depth=0.5")
     p.add_argument("--balance", default="ew", help="loss-balancing strategy ('list' prints them)")
@@ -148,7 +152,7 @@ def _config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         grad_clip=args.grad_clip or None, lambda_s=args.lambda_s, sparsity_warmup=args.sparsity_warmup,
         init_logit=args.init_logit, gate_group=args.gate_group, mix=args.mix,
         mix_anneal=_fractions(args.mix_anneal, "--mix-anneal"), tie_depthwise=args.tie_depthwise,
-        tie_residual=args.tie_residual,
+        tie_residual=args.tie_residual, skip_depthwise_mix=args.skip_depthwise_mix,
         budget_mode=args.budget_mode,
         tau={k: float(v) for k, v in _kv(args.tau, "--tau").items()}, balance=args.balance,
         balance_options={k: _value(v) for k, v in _kv(args.balance_opt, "--balance-opt").items()},
@@ -391,7 +395,8 @@ def _verify(args: argparse.Namespace, explicit: set[str]) -> int:
                                                                    "; see timm.list_models()"))
     backbone = timm.create_model(args.model, pretrained=False, features_only=args.features_only)
     report = verify(backbone, input_size=_size(args.input) if args.input else None, mix=args.mix,
-                    tie_depthwise=args.tie_depthwise, tie_residual=args.tie_residual)
+                    tie_depthwise=args.tie_depthwise, tie_residual=args.tie_residual,
+                    skip_depthwise_mix=args.skip_depthwise_mix)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:
@@ -433,6 +438,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p.add_argument("--mix", default="soft", choices=["soft", "hard"], help="shared-branch mix of the conversion")
     p.add_argument("--tie-depthwise", action="store_true", help="convert with convert(..., tie_depthwise=True)")
     p.add_argument("--tie-residual", action="store_true", help="convert with convert(..., tie_residual=True)")
+    p.add_argument("--skip-depthwise-mix", action="store_true",
+                   help="convert with convert(..., skip_depthwise_mix=True) (needs --tie-depthwise)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     sub.add_parser("profile", help="FLOPs, params, per-slot/per-layer table and ORT latency (see profile --help)")
     return parser, subs

@@ -182,15 +182,20 @@ class ChannelGate(nn.Module):
             raise ValueError(f"gate '{self.name}': batch {y.shape[0]} is not a multiple of {s} slots")
         return self.mix(list(y.chunk(s, dim=0)))
 
-    def mix(self, slots: list[Tensor]) -> Tensor:
-        """Mix the per-slot outputs ``slots[s][b, ...]`` into one folded tensor ``[S*b, ...]``."""
+    def mix(self, slots: list[Tensor], shared_mix: bool = True) -> Tensor:
+        """Mix the per-slot outputs ``slots[s][b, ...]`` into one folded tensor ``[S*b, ...]``.
+
+        ``shared_mix=False``: the shared slot passes its own output on instead of the mix of the
+        tasks (a layer whose only readers are depthwise convs with this gate, see
+        ``convert(..., skip_depthwise_mix=True)``); the tasks are gated as always.
+        """
         if len(slots) != self.num_slots:
             raise ValueError(f"gate '{self.name}': expected {self.num_slots} slot outputs, got {len(slots)}")
         if slots[0].shape[self.channel_dim] != self.channels:
             raise ValueError(f"gate '{self.name}': expected {self.channels} channels on dim {self.channel_dim}, "
                              f"got {tuple(slots[0].shape)}")
         return _GateMix.apply(self.channel_logits(), self.mix_logits(), self.channel_dim, self.mix_mode == "hard",
-                              *slots)
+                              shared_mix, *slots)
 
     def extra_repr(self) -> str:
         group = f", group={self.group}" if self.group != 1 else ""
@@ -241,11 +246,13 @@ class _GateMix(torch.autograd.Function):
     ``w = softmax(beta)`` (or its one-hot argmax with ``hard_mix``), written straight into the
     folded output. Backward: the gradients of that formula with the hard gate replaced by
     ``sigmoid(alpha)`` for ``alpha`` and the one-hot weights by ``softmax(beta)`` for ``beta``
-    (straight-through), as the unfused ``m * phi + (1 - m) * psi`` would give.
+    (straight-through), as the unfused ``m * phi + (1 - m) * psi`` would give. With
+    ``shared_mix=False`` the shared slot is ``psi`` itself (no mix, no gradient for ``beta``).
     """
 
     @staticmethod
-    def forward(ctx, alpha: Tensor, beta: Tensor, channel_dim: int, hard_mix: bool, *slots: Tensor) -> Tensor:  # noqa: ANN001
+    def forward(ctx, alpha: Tensor, beta: Tensor, channel_dim: int, hard_mix: bool, shared_mix: bool,  # noqa: ANN001
+                *slots: Tensor) -> Tensor:
         psi = slots[0]
         num_tasks = len(slots) - 1
         out = psi.new_empty((num_tasks + 1) * psi.shape[0], *psi.shape[1:])
@@ -254,11 +261,16 @@ class _GateMix(torch.autograd.Function):
         soft = torch.softmax(beta, dim=0)
         w = (_one_hot(beta) if hard_mix else soft).to(psi.dtype)
         shared = views[0]
-        shared.zero_()
+        if shared_mix:
+            shared.zero_()
+        else:
+            shared.copy_(psi)
         for t in range(num_tasks):
             torch.where(_per_channel(hard[t], psi, channel_dim), slots[t + 1], psi, out=views[t + 1])
-            shared.addcmul_(views[t + 1], _per_channel(w[t], psi, channel_dim))
+            if shared_mix:
+                shared.addcmul_(views[t + 1], _per_channel(w[t], psi, channel_dim))
         ctx.channel_dim = channel_dim
+        ctx.shared_mix = shared_mix
         ctx.save_for_backward(alpha, w, soft, *slots)  # not ``out``: the backbone may modify it in place
         return out
 
@@ -272,14 +284,16 @@ class _GateMix(torch.autograd.Function):
         g_shared = grads[0]
         hard = alpha > 0
         soft = torch.sigmoid(alpha)
-        need_alpha, need_beta = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_alpha, need_beta = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and ctx.shared_mix
         grad_alpha = torch.zeros_like(alpha) if need_alpha else None
         grad_w = torch.zeros_like(w) if need_beta else None
         grad_slots: list[Tensor | None] = [None] * (num_tasks + 1)
-        first = 4  # index of the first slot among forward's inputs
-        grad_psi = torch.zeros_like(psi) if ctx.needs_input_grad[first] else None
+        first = 5  # index of the first slot among forward's inputs
+        grad_psi = None
+        if ctx.needs_input_grad[first]:  # without the mix the shared slot's gradient reaches psi directly
+            grad_psi = torch.zeros_like(psi) if ctx.shared_mix else g_shared.clone()
         for t in range(num_tasks):
-            g_t = torch.addcmul(grads[t + 1], g_shared, _per_channel(w[t], psi, cd))  # dL/dphi'_t
+            g_t = torch.addcmul(grads[t + 1], g_shared, _per_channel(w[t], psi, cd)) if ctx.shared_mix else grads[t + 1]
             m_t = _per_channel(hard[t], psi, cd)
             if ctx.needs_input_grad[first + 1 + t]:
                 grad_slots[t + 1] = torch.where(m_t, g_t, torch.zeros((), dtype=g_t.dtype))
@@ -296,4 +310,4 @@ class _GateMix(torch.autograd.Function):
             sw = soft_w.to(grad_w.dtype)
             grad_beta = (sw * (grad_w - (sw * grad_w).sum(0, keepdim=True))).to(alpha.dtype)
         grad_slots[0] = grad_psi
-        return (grad_alpha, grad_beta, None, None, *grad_slots)
+        return (grad_alpha, grad_beta, None, None, None, *grad_slots)

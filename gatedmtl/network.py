@@ -123,11 +123,12 @@ def _feature_channels(encoder_out: Any) -> list[int]:
 def build_network(backbone: nn.Module, tasks: Mapping[str, Task] | Sequence[Task], input_size: tuple[int, int, int],
                   arch: str = "gated", *, init_logit: float = 1.0, gate_group: int = DEFAULT_GATE_GROUP,
                   task_weights: Mapping[str, Mapping[str, Tensor]] | None = None, mix: str = "soft",
-                  tie_depthwise: bool = False, tie_residual: bool = False) -> MultiTaskNet:
+                  tie_depthwise: bool = False, tie_residual: bool = False,
+                  skip_depthwise_mix: bool = False) -> MultiTaskNet:
     """Encoder (``arch``: ``gated`` or ``shared``) + one head per task, sized by a probe pass.
 
-    ``mix``, ``tie_depthwise``, ``tie_residual``: the gated encoder's shared-slot mix (``"soft"`` or
-    ``"hard"``) and gate tying (see :func:`gatedmtl.convert`).
+    ``mix``, ``tie_depthwise``, ``tie_residual``, ``skip_depthwise_mix``: the gated encoder's
+    shared-slot mix (``"soft"`` or ``"hard"``), gate tying and mixing (see :func:`gatedmtl.convert`).
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
@@ -141,7 +142,8 @@ def build_network(backbone: nn.Module, tasks: Mapping[str, Task] | Sequence[Task
     if arch == "gated":
         encoder: nn.Module = convert(backbone, [t.name for t in task_list], input_size=input_size,
                                      init_logit=init_logit, gate_group=gate_group, task_weights=task_weights,
-                                     mix=mix, tie_depthwise=tie_depthwise, tie_residual=tie_residual)
+                                     mix=mix, tie_depthwise=tie_depthwise, tie_residual=tie_residual,
+                                     skip_depthwise_mix=skip_depthwise_mix)
     else:
         if task_weights:
             raise ValueError("task_weights only apply to the gated arch")

@@ -1,7 +1,8 @@
 """Instrumented forward passes of a plain backbone: which modules run, in what order, which
 convolutions feed a channel-wise norm *exclusively* (so the gate can sit after the norm,
 keeping conv+norm fusable in the lean model), which module's output reaches each module's input
-through channel-wise ops, which modules' outputs are added (for tied gates), and which modules
+through channel-wise ops, which modules' outputs are added (for tied gates), which modules' outputs
+only other candidates read (``sole_readers``), and which modules
 receive an input whose batch axis is not the model's batch (a second pass at another batch size tells)."""
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ class ProbeResult:
     # pairs of candidates whose outputs (through channel-wise functions and earlier such sums) are added
     # elementwise: a residual sum or a multi-branch fusion
     sums: list[tuple[str, str]] = field(default_factory=list)
+    # candidate -> the candidates whose first input is its output (through channel-wise functions only),
+    # for the candidates whose output (and what channel-wise functions make of it) nothing else reads
+    sole_readers: dict[str, set[str]] = field(default_factory=dict)
     output: Any = None
 
 
@@ -73,6 +77,16 @@ class _UseRecorder(TorchFunctionMode):
         # id of a candidate's output (or a channel-wise function or sum of it) -> (candidate, through a sum)
         self.made_by: dict[int, tuple[str, bool]] = {}
         self.sums: list[tuple[str, str]] = []
+        self.inside = 0  # candidate forwards running (what they do with their input is theirs)
+        self.readers: dict[str, set[str]] = defaultdict(set)  # candidate -> candidates reading its output first
+        self.other_uses: set[str] = set()  # candidates whose output something else reads
+
+    def record_uses(self, tensors: Any, passed_on: Tensor | None = None) -> None:
+        """Every candidate output among ``tensors`` (but ``passed_on``) is read by a non-candidate."""
+        for t in iter_tensors(tensors):
+            source = self.made_by.get(id(t))
+            if source is not None and t is not passed_on:
+                self.other_uses.add(source[0])
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
@@ -84,13 +98,18 @@ class _UseRecorder(TorchFunctionMode):
                     self.foreign.add(name)
         out = func(*args, **kwargs)
         if not (args and isinstance(args[0], Tensor) and isinstance(out, Tensor)):
-            return out
-        source = self.made_by.get(id(args[0]))
-        if source is None:
+            if not self.paused and not self.inside and next(iter_tensors(out), None) is not None:
+                self.record_uses((args, kwargs))
             return out
         x = args[0]
-        if (func in _CHANNEL_WISE and out.shape == x.shape) or (
-                func in _SPATIAL and out.dim() == x.dim() > 2 and out.shape[:2] == x.shape[:2]):
+        source = self.made_by.get(id(x))
+        channel_wise = (func in _CHANNEL_WISE and out.shape == x.shape) or (
+            func in _SPATIAL and out.dim() == x.dim() > 2 and out.shape[:2] == x.shape[:2])
+        if not self.paused and not self.inside:
+            self.record_uses((args, kwargs), passed_on=x if channel_wise else None)
+        if source is None:
+            return out
+        if channel_wise:
             self.made_by[id(out)] = source
             self.alive.append(out)
         elif func in _ADDS and len(args) == 2 and isinstance(args[1], Tensor) and out.shape == x.shape == args[1].shape:
@@ -177,11 +196,18 @@ def probe(model: nn.Module, candidates: dict[str, nn.Module], example: Tensor) -
 
     first_shapes: dict[str, list] = defaultdict(list)
 
-    def pre_hook(module: nn.Module, args: tuple) -> None:
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         rec.paused += 1
         name = by_id[id(module)]
         first_shapes[name].append(_input_shape(args))
         sources[name].append(rec.made_by.get(id(args[0])) if args and isinstance(args[0], Tensor) else None)
+        first = args[0] if args and isinstance(args[0], Tensor) else None
+        made = rec.made_by.get(id(first)) if first is not None else None
+        if made is not None and not made[1]:
+            rec.readers[made[0]].add(name)
+        if not rec.inside:  # a candidate called inside another is part of that one's forward
+            rec.record_uses((args[1:], kwargs))
+        rec.inside += 1
         producer = rec.watched.get(id(args[0])) if args and isinstance(args[0], Tensor) else None
         if producer is not None and (len(args) != 1 or not _is_pair_candidate(candidates[producer], module)):
             rec.foreign.add(producer)
@@ -194,6 +220,7 @@ def probe(model: nn.Module, candidates: dict[str, nn.Module], example: Tensor) -
 
     def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
         rec.paused += 1
+        rec.inside -= 1
         rec.consuming.pop()
         name = by_id[id(module)]
         if name not in result.calls:
@@ -210,7 +237,7 @@ def probe(model: nn.Module, candidates: dict[str, nn.Module], example: Tensor) -
         rec.paused -= 1
 
     for m in candidates.values():
-        handles.append(m.register_forward_pre_hook(pre_hook))
+        handles.append(m.register_forward_pre_hook(pre_hook, with_kwargs=True))
         handles.append(m.register_forward_hook(post_hook))
     try:
         with rec:
@@ -221,6 +248,8 @@ def probe(model: nn.Module, candidates: dict[str, nn.Module], example: Tensor) -
     for t in iter_tensors(result.output):  # a conv output returned as a model output is not exclusive
         if id(t) in rec.watched:
             rec.foreign.add(rec.watched[id(t)])
+    rec.record_uses(result.output)
+    result.sole_readers = {n: set(r) for n, r in rec.readers.items() if n not in rec.other_uses}
     for conv, norms in consumed_by.items():
         calls = result.calls.get(conv, 0)
         if conv in rec.foreign or len(norms) != calls or len(set(norms)) != 1:

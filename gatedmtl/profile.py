@@ -677,6 +677,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="convert the timm model with tied depthwise gates (see gatedmtl train --tie-depthwise)")
     p.add_argument("--tie-residual", action="store_true",
                    help="convert the timm model with one gate per residual stream (see gatedmtl train --tie-residual)")
+    p.add_argument("--skip-depthwise-mix", action="store_true",
+                   help="convert with no shared mix in front of tied depthwise convs (see gatedmtl train "
+                        "--skip-depthwise-mix; needs --tie-depthwise)")
     p.add_argument("--input", type=_shape, default=None,
                    help="B,C,H,W, C,H,W or HxW (default: batch 1 at timm's input size)")
     p.add_argument("--features-only", action="store_true", help="build the timm model with features_only=True")
@@ -758,7 +761,7 @@ def _timm_profiles(args: argparse.Namespace) -> list[Profile]:
     backbone = timm.create_model(args.model, pretrained=False, **kwargs).eval()
     shape = args.input or (1, *default_input_size(backbone))
     gated = convert(backbone, tasks, input_size=shape[1:], mix=args.mix, tie_depthwise=args.tie_depthwise,
-                    tie_residual=args.tie_residual).eval()
+                    tie_residual=args.tie_residual, skip_depthwise_mix=args.skip_depthwise_mix).eval()
     set_gates(gated, args.density, torch.Generator().manual_seed(args.seed))
     lean = prune(gated).eval()
     opts = dict(latency=not args.no_latency, threads=args.threads, runs=args.runs)

@@ -171,7 +171,11 @@ class LeanGatedLayer(nn.Module):
     a copy of the first task's output that nothing uses. With a hard mix (``choice``: the task
     read per channel) it is one gather ``pool[mix_index]`` (``mix="select"``), a task branch's
     output as it is where that task is chosen and open everywhere (``"copy"``), or the shared
-    branch's output where every chosen channel is closed (``"shared"``).
+    branch's output where every chosen channel is closed (``"shared"``). With ``direct``
+    (``convert(..., skip_depthwise_mix=True)``: only depthwise layers with this gate read the
+    shared slot, and only at the channels that the shared branch computes) the shared slot's
+    output is the shared branch's output as it is (``"direct"``: in the full width its other
+    channels are undefined).
 
     ``slots`` are the slots folded on the batch axis (:attr:`LeanModel.slots`); with a single
     one, ``forward`` is that slot's branch alone.
@@ -179,7 +183,7 @@ class LeanGatedLayer(nn.Module):
 
     def __init__(self, branches: Sequence[nn.Module | None], in_index: Sequence[Tensor | None],
                  keep: Sequence[Tensor], open_: Tensor, weights: Tensor | None, channel_dim: int,
-                 choice: Tensor | None = None) -> None:
+                 choice: Tensor | None = None, direct: bool = False) -> None:
         super().__init__()
         num_tasks, width = open_.shape
         self.branches = nn.ModuleList(b if b is not None else nn.Identity() for b in branches)
@@ -215,6 +219,9 @@ class LeanGatedLayer(nn.Module):
                 self.mix_copy = read[0]
         else:
             self.mix = "shared" if all(src == "shared" for src in self.sources) else "mix"
+        if direct and self.mix != "shared":  # the readers take the shared branch's kept channels only
+            self.mix = "direct" if self.kept[0] else "dead"
+            self.mix_copy = None
         closed_tasks = [t for t, src in enumerate(self.sources) if src == "shared"]
         self.register_buffer("mix_shared", weights[closed_tasks].sum(0) if closed_tasks and not self.hard else None)
         self._layout()
@@ -240,6 +247,10 @@ class LeanGatedLayer(nn.Module):
         for t in range(len(self.sources)):
             idx = torch.where(self._open[t], pos[t + 1], pos[0]) if self.sources[t] == "pool" else None
             self.register_buffer(f"restore_{t}", idx.to(device) if idx is not None else None)
+        direct_index = None
+        if self.mix == "direct":  # channels that the shared branch does not compute read its first one
+            direct_index = _positions(self._keep[0], width).clamp(min=0)
+        self.register_buffer("direct_index", direct_index.to(device) if direct_index is not None else None)
         mix_index = None
         if self.mix == "select":
             table = torch.stack([pos.get(s, torch.full((width,), -1)) for s in range(self.num_slots)])
@@ -353,6 +364,8 @@ class LeanGatedLayer(nn.Module):
                 result.append(full[s - 1])
             elif self.mix == "shared":
                 result.append(Deferred([outs[0]], None, dim, memo))
+            elif self.mix == "direct":
+                result.append(Deferred([outs[0]], self.direct_index, dim, memo))
             elif self.mix == "dead":
                 result.append(full[0])
             elif self.mix == "copy":
@@ -365,6 +378,8 @@ class LeanGatedLayer(nn.Module):
         shared = outs[0]
         if self.mix == "shared":
             return shared
+        if self.mix == "direct":
+            return shared.index_select(self.channel_dim, self.direct_index)
         if self.mix == "dead":
             return full[0]
         if self.mix == "copy":
@@ -669,7 +684,7 @@ def prune(model: GatedModel, *, streams: bool = True) -> LeanModel:
         weights = None if hard else gate.mixing_weights().detach().cpu().to(template.weight.dtype)
         choice = gate.mix_choice().cpu() if hard else None
         lean = LeanGatedLayer(branches, in_index, keep, open_, weights, gate.channel_dim,
-                              choice).to(template.weight.device)
+                              choice, direct=getattr(unit, "unmixed", False)).to(template.weight.device)
         lean.train(model.training)
         layers.append(lean)
         for parent, attr in where[id(producer)]:

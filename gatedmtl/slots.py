@@ -125,6 +125,7 @@ class SlotModule(nn.Module):
         self.slots = nn.ModuleList(copy.deepcopy(module) for _ in range(num_slots))
         self.gate = gate
         self.name = ""  # dotted path in the backbone, set by convert()
+        self.unmixed = False  # the shared slot passes its own output on (see ChannelGate.mix), set by convert()
 
     @property
     def num_slots(self) -> int:
@@ -170,7 +171,7 @@ class SlotModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.gate is None:
             return self.run_slots(args, kwargs)
-        return self.gate.mix(self.run_slots(args, kwargs, merge=False))
+        return self.gate.mix(self.run_slots(args, kwargs, merge=False), shared_mix=not self.unmixed)
 
     def extra_repr(self) -> str:
         return f"num_slots={self.num_slots}, gated={self.gate is not None}"

@@ -88,11 +88,14 @@ class GatedModel(nn.Module):
         tied_gates: ``{gated layer: gated layer whose gate it uses}`` (``convert(...,
             tie_depthwise=True, tie_residual=True)``); :meth:`gates` lists such a gate once per
             layer that uses it, :meth:`unique_gates` once.
+        unmixed_layers: gated layers whose shared slot passes its own output on instead of the
+            tasks' mix (``convert(..., skip_depthwise_mix=True)``), in forward order.
     """
 
     def __init__(self, backbone: nn.Module, tasks: Sequence[str], gate_names: Sequence[str],
                  input_size: tuple[int, ...], shared_modules: Mapping[str, str] | None = None,
-                 batch_independent: Sequence[str] = (), tied_gates: Mapping[str, str] | None = None) -> None:
+                 batch_independent: Sequence[str] = (), tied_gates: Mapping[str, str] | None = None,
+                 unmixed_layers: Sequence[str] = ()) -> None:
         super().__init__()
         self.backbone = backbone
         self.tasks = tuple(tasks)
@@ -101,6 +104,9 @@ class GatedModel(nn.Module):
         self.shared_modules = dict(shared_modules or {})
         self.batch_independent = tuple(batch_independent)
         self.tied_gates = dict(tied_gates or {})
+        self.unmixed_layers = tuple(unmixed_layers)
+        for name in self.unmixed_layers:
+            self.backbone.get_submodule(name).unmixed = True
         self._analysis_cache: dict[tuple[int, ...], Any] = {}
 
     @property
@@ -133,6 +139,7 @@ class GatedModel(nn.Module):
 
     def extra_repr(self) -> str:
         tied = f", tied={len(self.tied_gates)}" if self.tied_gates else ""
+        tied += f", unmixed={len(self.unmixed_layers)}" if self.unmixed_layers else ""
         return f"tasks={self.tasks}, gates={len(self.gate_names)}{tied}"
 
 
@@ -190,6 +197,7 @@ def convert(
     mix: str = "soft",
     tie_depthwise: bool = False,
     tie_residual: bool = False,
+    skip_depthwise_mix: bool = False,
 ) -> GatedModel:
     """Turn ``backbone`` into a :class:`GatedModel` with a shared slot and one slot per task.
 
@@ -220,6 +228,13 @@ def convert(
             first of them: as channel pruning's dependency groups, a channel of the stream is then
             the task's own in every layer that writes it or shared in all of them, and the lean
             model adds the streams' branch outputs part by part (no channel gather per sum).
+        skip_depthwise_mix: with ``tie_depthwise``, a gated layer whose output only depthwise
+            convolutions with its gate read (the expansion layer of an inverted residual block)
+            passes its shared branch's output on to them as it is, instead of the tasks' mix: the
+            mix happens once per expansion + depthwise pair, at the depthwise layer's output. Its
+            lean shared depthwise branch then reads the shared expansion branch directly (no
+            channel selection, where the mix took one from every branch's output); see
+            :attr:`GatedModel.unmixed_layers`.
 
     Every slot starts as a copy of the backbone, so before training every task's output
     equals ``backbone(x)`` for any gate pattern.
@@ -227,6 +242,9 @@ def convert(
     names = _validate_tasks(tasks)
     check_group(gate_group)
     check_mix(mix)
+    if skip_depthwise_mix and not tie_depthwise:
+        raise ValueError("skip_depthwise_mix=True needs tie_depthwise=True: it skips the shared mix in front of "
+                         "depthwise convolutions that use their input layer's gate")
     if not isinstance(backbone, nn.Module):
         raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
     if isinstance(backbone, GatedModel):
@@ -302,7 +320,8 @@ def convert(
         slotted.producer = gated_output.get(name)
         for parent, attr in where[id(module)]:
             parent._modules[attr] = slotted
-    model = GatedModel(model, names, order, size, shared, sorted(found.batch_independent), tied)
+    unmixed = _unmixed_layers(order, gated_output, gates, found) if skip_depthwise_mix else []
+    model = GatedModel(model, names, order, size, shared, sorted(found.batch_independent), tied, unmixed)
     if task_weights:
         unknown = set(task_weights) - set(names)
         if unknown:
@@ -331,6 +350,22 @@ def _sum_groups(sums: Sequence[tuple[str, str]], gated: Any, order: Sequence[str
     for n in sorted((n for n in parent if n in gated), key=lambda n: rank.get(n, len(rank))):
         members.setdefault(root(n), []).append(n)
     return {n: group for group in members.values() if len(group) > 1 for n in group}
+
+
+def _unmixed_layers(order: Sequence[str], gated_output: Mapping[str, str], gates: Mapping[str, ChannelGate],
+                    found: Any) -> list[str]:
+    """The gated units whose output (called once) only depthwise convs with the same gate read, each once."""
+    unit_of = {producer: unit for unit, producer in gated_output.items()}
+    unmixed = []
+    for name in order:
+        readers = found.sole_readers.get(name)
+        if not readers or found.calls.get(name) != 1:
+            continue
+        units = [unit_of.get(r) for r in readers]
+        if all(u is not None and u != name and gates.get(u) is gates[name] and found.calls.get(r) == 1
+               for u, r in zip(units, readers)):
+            unmixed.append(name)
+    return unmixed
 
 
 def _depthwise_input_gate(conv_name: str, conv: nn.Module, sources: Mapping[str, str],

@@ -101,6 +101,8 @@ class TrainConfig:
     tie_depthwise: bool = True  # a depthwise conv fed by a gated layer uses that layer's gate (see convert; a
     # faster lean model: benchmarks/results/latency_annealmix_tied_depthwise.md, mix_comparison_mobilenetv3_large_100.md)
     tie_residual: bool = False  # the gated layers that write one residual stream use one gate (see convert)
+    skip_depthwise_mix: bool = False  # with tie_depthwise: no shared mix in front of the tied depthwise convs (see
+    # convert)
     tau: dict[str, float] = field(default_factory=dict)
     lambda_tau: float = 1.0
     balance: str = "ew"
@@ -155,6 +157,7 @@ class TrainConfig:
         kwargs = {k: v for k, v in data.items() if k in known}
         kwargs.setdefault("mix", "soft")  # saved before the field existed: those runs mixed softly
         kwargs.setdefault("tie_depthwise", False)  # saved before the field existed: converted untied
+        kwargs.setdefault("skip_depthwise_mix", False)  # saved before the field existed: mixed before every layer
         for key in ("tasks", "image_size", "mix_anneal"):
             if key in kwargs and kwargs[key] is not None:
                 kwargs[key] = tuple(kwargs[key])
@@ -303,7 +306,7 @@ def build_from_config(config: TrainConfig, task_spec: Mapping[str, Mapping[str, 
     return build_network(backbone, tasks_from_spec(task_spec), input_size, config.arch,
                          init_logit=config.init_logit, gate_group=config.gate_group, task_weights=task_weights,
                          mix="soft" if config.mix == "anneal" else config.mix, tie_depthwise=config.tie_depthwise,
-                         tie_residual=config.tie_residual)
+                         tie_residual=config.tie_residual, skip_depthwise_mix=config.skip_depthwise_mix)
 
 
 TRAIN_MIXES = (*MIX_MODES, "anneal")

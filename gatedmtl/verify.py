@@ -127,7 +127,7 @@ class VerifyReport:
 def verify(backbone: nn.Module, tasks: Sequence[str] = ("a", "b", "c"), input_size: tuple[int, ...] | None = None,
            patterns: Sequence[str | float] = GATE_PATTERNS, batch: int = 2, seed: int = 0,
            flops: bool = True, mix: str = "soft", tie_depthwise: bool = False,
-           tie_residual: bool = False) -> VerifyReport:
+           tie_residual: bool = False, skip_depthwise_mix: bool = False) -> VerifyReport:
     """Convert ``backbone``, then measure convert parity, prune parity and FLOP prediction.
 
     Convert parity: every task output vs ``backbone(x)`` with random gates. Prune parity and
@@ -137,13 +137,14 @@ def verify(backbone: nn.Module, tasks: Sequence[str] = ("a", "b", "c"), input_si
     any makes :attr:`VerifyReport.ok` false.
 
     ``input_size`` is the backbone's per-sample ``(C, H, W)`` as :func:`gatedmtl.convert` takes it,
-    ``mix`` its shared-slot mix (``"soft"`` or ``"hard"``), ``tie_depthwise`` and ``tie_residual`` as in :func:`gatedmtl.convert`.
+    ``mix`` its shared-slot mix (``"soft"`` or ``"hard"``), ``tie_depthwise``, ``tie_residual`` and ``skip_depthwise_mix`` as in
+    :func:`gatedmtl.convert`.
     """
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     backbone = backbone.eval()
     model = convert(backbone, tasks, input_size=input_size, mix=mix, tie_depthwise=tie_depthwise,
-                    tie_residual=tie_residual).eval()
+                    tie_residual=tie_residual, skip_depthwise_mix=skip_depthwise_mix).eval()
     size = model.input_size
     x = torch.randn((batch, *size), generator=gen)
     set_gates(model, 0.5, gen)

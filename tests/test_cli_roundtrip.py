@@ -51,8 +51,9 @@ def _onnx_vs_torch(onnx_path: Path, checkpoint: Path) -> float:
 
 @pytest.mark.parametrize("extra", [[], ["--gate-group", "8"], ["--mix", "soft"], ["--mix", "hard"],
                                    ["--mix", "anneal", "--mix-anneal", "0.25,0.75"], ["--arch", "shared"],
-                                   ["--model", "mobilenetv3_small_050", "--tie-depthwise", "--tie-residual"]],
-                         ids=["gated", "group8", "softmix", "hardmix", "annealmix", "shared", "tied"])
+                                   ["--model", "mobilenetv3_small_050", "--tie-depthwise", "--tie-residual"],
+                                   ["--model", "mobilenetv3_small_050", "--tie-depthwise", "--skip-depthwise-mix"]],
+                         ids=["gated", "group8", "softmix", "hardmix", "annealmix", "shared", "tied", "unmixed"])
 def test_train_eval_prune_export_round_trip(tmp_path, capsys, extra):
     run = tmp_path / "run"
     rc, out, err = _run(capsys, "train", *TINY, *extra, "--out", run)
@@ -70,6 +71,7 @@ def test_train_eval_prune_export_round_trip(tmp_path, capsys, extra):
         assert bool(tied) == ("--tie-depthwise" in extra)
         if "--tie-residual" in extra:
             assert len(set(tied.values())) < len(tied)
+        assert bool(net.encoder.unmixed_layers) == ("--skip-depthwise-mix" in extra)  # rebuilt as trained
         for layer, owner in net.encoder.tied_gates.items():
             assert net.encoder.backbone.get_submodule(layer).gate is net.encoder.backbone.get_submodule(owner).gate
 
