@@ -554,7 +554,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gate-group", type=int, default=DEFAULT_GROUP, help="channels per gate (convert's gate_group)")
     p.add_argument("--mix", default="soft", help="shared-slot mix of the gated models: soft, hard, anneal (the training default) or a list such as soft,hard")
     p.add_argument("--tie", default="", help="gate tying of the conversions (and training runs): depthwise, residual or "
-                                             "depthwise,residual (convert's tie_depthwise / tie_residual); results "
+                                             "depthwise,residual (convert's tie_depthwise / tie_residual), plus "
+                                             "skip-mix (convert's skip_depthwise_mix, with depthwise); results "
                                              "get '_tied' plus the tyings")
     p.add_argument("--no-train", action="store_true", help="skip the trained-gates rows")
     p.add_argument("--train-steps", type=int, default=25, help="steps per epoch of the short training run")
@@ -564,9 +565,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.mixes = [m.strip() for m in args.mix.split(",") if m.strip()]
     args.ties_list = sorted({t.strip() for t in args.tie.split(",") if t.strip()})
-    if any(t not in ("depthwise", "residual") for t in args.ties_list):
-        p.error(f"--tie takes depthwise, residual or both, got {args.tie!r}")
-    args.ties = {f"tie_{t}": True for t in args.ties_list}
+    if any(t not in ("depthwise", "residual", "skip-mix") for t in args.ties_list):
+        p.error(f"--tie takes depthwise, residual, skip-mix or a list of them, got {args.tie!r}")
+    if "skip-mix" in args.ties_list and "depthwise" not in args.ties_list:
+        p.error("--tie skip-mix needs depthwise (it skips the mix in front of tied depthwise convs)")
+    args.ties = {("skip_depthwise_mix" if t == "skip-mix" else f"tie_{t}"): True for t in args.ties_list}
     if not args.mixes or any(m not in TRAIN_MIXES for m in args.mixes) or len(set(args.mixes)) < len(args.mixes):
         p.error(f"--mix takes soft, hard, anneal or a comma-separated list of them, got {args.mix!r}")
     if not args.no_train and args.tasks > 3:
@@ -574,9 +577,9 @@ def main(argv: list[str] | None = None) -> int:
     stem = "latency" + (f"_group{args.gate_group}" if args.gate_group != DEFAULT_GROUP else "")
     stem += f"_{args.opt_level}" if args.opt_level != "all" else ""
     stem += {("soft",): "", ("hard",): "_hardmix", ("anneal",): "_annealmix"}.get(tuple(args.mixes), "_mixes")
-    stem += "".join(f"_{t}" for t in sorted(args.ties_list))
+    stem += "".join(f"_{t}" for t in sorted(args.ties_list) if t != "skip-mix")
     stem = stem.replace("_depthwise_residual", "_tied").replace("_depthwise", "_tied_depthwise").replace(
-        "_residual", "_tied_residual")
+        "_residual", "_tied_residual") + ("_skipmix" if "skip-mix" in args.ties_list else "")
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
     tasks = tuple(f"task{i}" for i in range(args.tasks))
@@ -612,7 +615,10 @@ def main(argv: list[str] | None = None) -> int:
                 "".join({"depthwise": "; depthwise convs fed by a gated layer use that layer's gates (convert(..., "
                                       "tie_depthwise=True))",
                          "residual": "; the gated layers that write one residual stream use one gate (convert(..., "
-                                     "tie_residual=True))"}[t] for t in args.ties_list)),
+                                     "tie_residual=True))",
+                         "skip-mix": "; a layer that only tied depthwise convs read passes its shared branch on "
+                                     "without the mix (convert(..., skip_depthwise_mix=True))"}[t]
+                        for t in args.ties_list)),
             "shared mix": "; ".join({"soft": "soft: softmax of beta, a Mul/Add chain per layer in the lean graph",
                                      "hard": "hard (rows marked 'hard mix'): one-hot argmax of beta (random rows: "
                                              "of the same random beta), one channel gather per layer in the lean "

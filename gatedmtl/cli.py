@@ -106,10 +106,11 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--tie-residual", action="store_true",
                    help="the gated layers whose outputs are added (one residual stream, a multi-branch fusion) use one "
                         "gate: the lean model then adds their branch outputs without channel gathers (faster)")
-    p.add_argument("--skip-depthwise-mix", action=argparse.BooleanOptionalAction, default=False,
-                   help="with --tie-depthwise: a layer that only tied depthwise convs read (an inverted residual's "
-                        "expansion) passes its shared branch on to them without the tasks' mix, which then happens "
-                        "once per expansion + depthwise pair (the lean model needs no channel selection there)")
+    p.add_argument("--skip-depthwise-mix", action=argparse.BooleanOptionalAction, default=None,
+                   help="a layer that only tied depthwise convs read (an inverted residual's expansion) passes its "
+                        "shared branch on to them without the tasks' mix, which then happens once per expansion + "
+                        "depthwise pair (the lean model needs no channel selection there); default: on with "
+                        "--tie-depthwise, --no-skip-depthwise-mix keeps the mix")
     p.add_argument("--tau", default="", help="GatedMTL's per-task targets (fraction of task-specific channels), "
                                              "e.g. seg=0.3,depth=0.5")
     p.add_argument("--balance", default="ew", help="loss-balancing strategy ('list' prints them)")

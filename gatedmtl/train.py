@@ -101,8 +101,9 @@ class TrainConfig:
     tie_depthwise: bool = True  # a depthwise conv fed by a gated layer uses that layer's gate (see convert; a
     # faster lean model: benchmarks/results/latency_annealmix_tied_depthwise.md, mix_comparison_mobilenetv3_large_100.md)
     tie_residual: bool = False  # the gated layers that write one residual stream use one gate (see convert)
-    skip_depthwise_mix: bool = False  # with tie_depthwise: no shared mix in front of the tied depthwise convs (see
-    # convert)
+    skip_depthwise_mix: bool | None = None  # no shared mix in front of the tied depthwise convs (see convert); None
+    # (the default): the same as tie_depthwise, resolved at construction so that a saved config holds the choice
+    # (benchmarks/results/latency_annealmix_tied_depthwise_skipmix.md, mix_comparison_mobilenetv3_large_100.md)
     tau: dict[str, float] = field(default_factory=dict)
     lambda_tau: float = 1.0
     balance: str = "ew"
@@ -150,6 +151,10 @@ class TrainConfig:
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def __post_init__(self) -> None:
+        if self.skip_depthwise_mix is None:  # the default: skip the mix wherever depthwise convs are tied
+            self.skip_depthwise_mix = bool(self.tie_depthwise)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TrainConfig:

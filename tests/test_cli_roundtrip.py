@@ -52,8 +52,8 @@ def _onnx_vs_torch(onnx_path: Path, checkpoint: Path) -> float:
 @pytest.mark.parametrize("extra", [[], ["--gate-group", "8"], ["--mix", "soft"], ["--mix", "hard"],
                                    ["--mix", "anneal", "--mix-anneal", "0.25,0.75"], ["--arch", "shared"],
                                    ["--model", "mobilenetv3_small_050", "--tie-depthwise", "--tie-residual"],
-                                   ["--model", "mobilenetv3_small_050", "--tie-depthwise", "--skip-depthwise-mix"]],
-                         ids=["gated", "group8", "softmix", "hardmix", "annealmix", "shared", "tied", "unmixed"])
+                                   ["--model", "mobilenetv3_small_050", "--no-skip-depthwise-mix"]],
+                         ids=["gated", "group8", "softmix", "hardmix", "annealmix", "shared", "tied", "dwmix"])
 def test_train_eval_prune_export_round_trip(tmp_path, capsys, extra):
     run = tmp_path / "run"
     rc, out, err = _run(capsys, "train", *TINY, *extra, "--out", run)
@@ -68,10 +68,12 @@ def test_train_eval_prune_export_round_trip(tmp_path, capsys, extra):
         # the gates come back tied (one gate object for several layers) exactly when the run tied them; with
         # --tie-residual one gate owns several layers (a stream), with --tie-depthwise alone each owns one
         tied = net.encoder.tied_gates
-        assert bool(tied) == ("--tie-depthwise" in extra)
+        assert bool(tied) == ("mobilenetv3_small_050" in extra)  # depthwise convs are tied by default
         if "--tie-residual" in extra:
             assert len(set(tied.values())) < len(tied)
-        assert bool(net.encoder.unmixed_layers) == ("--skip-depthwise-mix" in extra)  # rebuilt as trained
+        # by default a mobilenetv3 run skips the mix in front of its tied depthwise convs; rebuilt as trained
+        assert bool(net.encoder.unmixed_layers) == (
+            "mobilenetv3_small_050" in extra and "--no-skip-depthwise-mix" not in extra)
         for layer, owner in net.encoder.tied_gates.items():
             assert net.encoder.backbone.get_submodule(layer).gate is net.encoder.backbone.get_submodule(owner).gate
 

@@ -167,10 +167,15 @@ def test_training_option_and_old_configs():
     from gatedmtl.cli import _parser
     from gatedmtl.train import TrainConfig
 
+    # the default follows tie_depthwise, and a saved config holds the resolved choice
+    assert TrainConfig().skip_depthwise_mix is True and TrainConfig().to_json()["skip_depthwise_mix"] is True
+    assert TrainConfig(tie_depthwise=False).skip_depthwise_mix is False
+    assert TrainConfig(skip_depthwise_mix=False).skip_depthwise_mix is False
     saved = {k: v for k, v in TrainConfig().to_json().items() if k != "skip_depthwise_mix"}
     assert TrainConfig.from_json(saved).skip_depthwise_mix is False  # saved before the option: mixed everywhere
-    config = TrainConfig(skip_depthwise_mix=True)
-    assert TrainConfig.from_json(config.to_json()).skip_depthwise_mix is True
+    for value in (False, True):
+        assert TrainConfig.from_json(TrainConfig(skip_depthwise_mix=value).to_json()).skip_depthwise_mix is value
     parser, _ = _parser()
+    assert parser.parse_args(["train"]).skip_depthwise_mix is None  # -> TrainConfig's default
     assert parser.parse_args(["train", "--skip-depthwise-mix"]).skip_depthwise_mix is True
     assert parser.parse_args(["train", "--no-skip-depthwise-mix"]).skip_depthwise_mix is False
