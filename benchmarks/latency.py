@@ -210,6 +210,23 @@ def _groups(kernel: KernelTime) -> dict[str, float]:
     return totals
 
 
+def _cpu_name() -> str:
+    """The CPU's model name and widest SIMD extension (ONNX Runtime's blocked convolutions depend on both)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    simd = next((f for f in ("avx512f", "avx2", "neon", "asimd") if f in flags), None)
+    return f"{name} ({simd}), {platform.machine()}" if simd else f"{name}, {platform.machine()}"
+
+
 def _open_fraction(model: gatedmtl.GatedModel) -> float:
     masks = [g.open_mask() for g in model.gates()]
     return float(sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks))
@@ -638,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"epochs={args.train_epochs}, steps_per_epoch={steps} ({args.hrnet_train_steps} for "
                               "hrnet), batch_size=8, lr=2e-3, gate_lr=0.05), then finalize()"
                               if not args.no_train else "not run (--no-train)"),
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
+            "machine": f"{_cpu_name()}, {os.cpu_count()} CPUs, load average "
                        f"{load0:.1f} at start, {os.getloadavg()[0]:.1f} at end",
             f"{args.multi_threads}-thread columns": (
                 f"this machine has {os.cpu_count()} CPU cores, so {args.multi_threads} intra-op threads share "

@@ -11,7 +11,7 @@ from torch import nn
 import gatedmtl
 from gatedmtl.export import export_onnx
 from gatedmtl.gates import ChannelGate
-from gatedmtl.verify import perturb_slots, set_gates
+from lean_checks import assert_lean_matches, random_gates
 
 TASKS = ("seg", "depth", "normals")
 SIZE = (3, 16, 16)
@@ -47,9 +47,7 @@ def _model(mix: str = "hard", skip: bool = True, **kwargs) -> gatedmtl.GatedMode
     torch.manual_seed(0)
     model = gatedmtl.convert(Block(**kwargs).eval(), TASKS, input_size=SIZE, tie_depthwise=True, mix=mix,
                              skip_depthwise_mix=skip).eval()
-    perturb_slots(model, generator=torch.Generator().manual_seed(1))
-    set_gates(model, 0.5, torch.Generator().manual_seed(2))
-    return model
+    return random_gates(model)
 
 
 def test_skips_the_mix_exactly_where_only_tied_depthwise_convs_read_the_layer():
@@ -151,16 +149,8 @@ def test_timm_mobilenetv3_unmixed_lean_parity():
     # every expansion conv of an inverted residual (its output feeds only the depthwise conv)
     expansions = [n for n in model.gate_names if n.endswith(".bn1") and ".conv_pw" in model.backbone.get_submodule(n).producer]
     assert expansions and set(expansions) <= set(model.unmixed_layers)
-    perturb_slots(model, generator=torch.Generator().manual_seed(1))
-    set_gates(model, 0.5, torch.Generator().manual_seed(2))
-    lean = gatedmtl.prune(model).eval()
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        ref, got = model(x), lean(x)
-    for t in TASKS:
-        for a, b in zip(got[t], ref[t]):
-            assert (a - b).abs().max() <= 1e-4 * b.abs().max()
-    assert gatedmtl.predict_flops(model, (1, 3, 32, 32)) == gatedmtl.count_flops(lean, (1, 3, 32, 32))
+    lean = gatedmtl.prune(random_gates(model)).eval()
+    assert_lean_matches(model, lean, torch.randn(2, 3, 32, 32))
 
 
 def test_training_option_and_old_configs():

@@ -11,8 +11,9 @@ from torch import nn
 
 import gatedmtl
 from gatedmtl.budget import project_to_budget
-from gatedmtl.export import export_onnx, relative_error
-from gatedmtl.verify import perturb_slots, set_gates
+from gatedmtl.export import export_onnx
+from gatedmtl.verify import set_gates
+from lean_checks import assert_lean_matches, random_gates
 
 TASKS = ("seg", "depth", "normals")
 
@@ -74,15 +75,8 @@ def test_timm_inverted_residuals_tie_every_depthwise_conv():
 def test_tied_lean_model_equals_the_gated_model_and_its_flop_prediction(mix, tmp_path):
     torch.manual_seed(0)
     model = gatedmtl.convert(_tiny(), TASKS, input_size=(3, 16, 16), tie_depthwise=True, mix=mix).eval()
-    perturb_slots(model, generator=torch.Generator().manual_seed(1))
-    set_gates(model, 0.5, torch.Generator().manual_seed(2))
-    lean = gatedmtl.prune(model).eval()
-    x = torch.randn(2, 3, 16, 16)
-    with torch.no_grad():
-        ref, got = model(x), lean(x)
-    for t in TASKS:
-        assert (got[t] - ref[t]).abs().max() <= 1e-4 * ref[t].abs().max()
-    assert gatedmtl.predict_flops(model, (1, 3, 16, 16)) == gatedmtl.count_flops(lean, (1, 3, 16, 16))
+    lean = gatedmtl.prune(random_gates(model)).eval()
+    assert_lean_matches(model, lean, torch.randn(2, 3, 16, 16))
     report = export_onnx(lean, tmp_path / "lean.onnx", (1, 3, 16, 16))
     assert max(report.max_rel_error.values()) <= 1e-4
 
@@ -106,9 +100,7 @@ def test_tied_depthwise_convs_read_their_task_input_without_a_gather(tmp_path):
     inputs = {}
     for tie in (False, True):
         model = gatedmtl.convert(_tiny(), TASKS, input_size=(3, 16, 16), tie_depthwise=tie, mix="hard").eval()
-        perturb_slots(model, generator=torch.Generator().manual_seed(1))
-        set_gates(model, 0.5, torch.Generator().manual_seed(2))
-        lean = gatedmtl.prune(model).eval()
+        lean = gatedmtl.prune(random_gates(model)).eval()
         export_onnx(lean, tmp_path / f"{tie}.onnx", (1, 3, 16, 16))
         inputs[tie] = _depthwise_inputs(tmp_path / f"{tie}.onnx")
     # block.dw per computed slot (+ the untied dw after the sum): untied, task branches select their input channels
@@ -200,15 +192,8 @@ def test_tied_residual_lean_model_adds_the_streams_part_by_part(mix, tmp_path):
     counts = {}
     for tie in (False, True):
         model = gatedmtl.convert(ResidualStage().eval(), TASKS, input_size=shape[1:], tie_residual=tie, mix=mix).eval()
-        perturb_slots(model, generator=torch.Generator().manual_seed(1))
-        set_gates(model, 0.5, torch.Generator().manual_seed(2))
-        lean = gatedmtl.prune(model).eval()
-        x = torch.randn(2, *shape[1:])
-        with torch.no_grad():
-            ref, got = model(x), lean(x)
-        for t in TASKS:
-            assert relative_error(got[t][0], ref[t][0]) <= 1e-4
-        assert gatedmtl.predict_flops(model, shape) == gatedmtl.count_flops(lean, shape)
+        lean = gatedmtl.prune(random_gates(model)).eval()
+        assert_lean_matches(model, lean, torch.randn(2, *shape[1:]))
         report = export_onnx(lean, tmp_path / f"{tie}.onnx", shape)
         assert max(report.max_rel_error.values()) <= 1e-4
         graph = onnx.load(str(tmp_path / f"{tie}.onnx")).graph
