@@ -56,8 +56,8 @@ SLOW = [
 CLOSED_BOUND = {"swin": 1.5, "sequencer_lstm": 2.2}
 
 
-def _check(build, size, closed_bound=1.15, mix="soft"):
-    report = verify(build(), T, input_size=size, mix=mix)
+def _check(build, size, closed_bound=1.15, mix="soft", **ties):
+    report = verify(build(), T, input_size=size, mix=mix, **ties)
     assert report.gates > 0
     assert report.convert_error <= 1e-5, report
     for pattern, err in report.prune_error.items():
@@ -84,6 +84,30 @@ HARD = [m for m in FAST if m[0] in ("timm_resnet18", "hrnet_w18_small_v2", "mobi
 def test_hard_mix_parity_and_flops(name, build, size):
     """The hard mix prunes as exactly as the soft one, with the same FLOPs (the mix costs no multiply-add)."""
     _check(build, size, CLOSED_BOUND.get(name, 1.15), mix="hard")
+
+
+# families with depthwise convolutions: the conversion that training uses by default ties them
+# to their input layer's gate and skips the shared mix in front of them (the hard mix: what an
+# annealed run ends with)
+# annealed run ends with). Tied / unmixed layers at 64x64: efficientnet_b0 16 / 16, mobilenetv3 11 / 11,
+# convnext 3 / 0, mobilevit 7 / 7, ghostnet 32 / 0.
+DEPTHWISE = [m for m in FAST if m[0] in ("efficientnet_b0", "mobilenetv3", "convnext")]
+DEPTHWISE_SLOW = [m for m in FAST if m[0] in ("mobilevit", "ghostnet")]
+
+
+def _check_training_default(name, build, size):
+    _check(build, size, CLOSED_BOUND.get(name, 1.15), mix="hard", tie_depthwise=True, skip_depthwise_mix=True)
+
+
+@pytest.mark.parametrize("name,build,size", DEPTHWISE, ids=[m[0] for m in DEPTHWISE])
+def test_training_default_conversion_parity_and_flops(name, build, size):
+    _check_training_default(name, build, size)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,build,size", DEPTHWISE_SLOW, ids=[m[0] for m in DEPTHWISE_SLOW])
+def test_training_default_conversion_parity_and_flops_more_families(name, build, size):
+    _check_training_default(name, build, size)
 
 
 def test_hard_mix_lean_layers_select_channels():
