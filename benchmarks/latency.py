@@ -212,7 +212,7 @@ def _groups(kernel: KernelTime) -> dict[str, float]:
 
 def _cpu_name() -> str:
     """The CPU's model name and widest SIMD extension (ONNX Runtime's blocked convolutions depend on both)."""
-    name, flags = platform.processor() or platform.machine(), set()
+    name, flags = platform.processor() or "CPU model unknown", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")

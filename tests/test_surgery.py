@@ -88,26 +88,15 @@ def test_hard_mix_parity_and_flops(name, build, size):
 
 # families with depthwise convolutions: the conversion that training uses by default ties them
 # to their input layer's gate and skips the shared mix in front of them (the hard mix: what an
-# annealed run ends with)
 # annealed run ends with). Tied / unmixed layers at 64x64: efficientnet_b0 16 / 16, mobilenetv3 11 / 11,
 # convnext 3 / 0, mobilevit 7 / 7, ghostnet 32 / 0.
-DEPTHWISE = [m for m in FAST if m[0] in ("efficientnet_b0", "mobilenetv3", "convnext")]
-DEPTHWISE_SLOW = [m for m in FAST if m[0] in ("mobilevit", "ghostnet")]
+DEPTHWISE = [pytest.param(*m, id=m[0], marks=[pytest.mark.slow] if m[0] in ("mobilevit", "ghostnet") else [])
+             for m in FAST if m[0] in ("efficientnet_b0", "mobilenetv3", "convnext", "mobilevit", "ghostnet")]
 
 
-def _check_training_default(name, build, size):
-    _check(build, size, CLOSED_BOUND.get(name, 1.15), mix="hard", tie_depthwise=True, skip_depthwise_mix=True)
-
-
-@pytest.mark.parametrize("name,build,size", DEPTHWISE, ids=[m[0] for m in DEPTHWISE])
+@pytest.mark.parametrize("name,build,size", DEPTHWISE)
 def test_training_default_conversion_parity_and_flops(name, build, size):
-    _check_training_default(name, build, size)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name,build,size", DEPTHWISE_SLOW, ids=[m[0] for m in DEPTHWISE_SLOW])
-def test_training_default_conversion_parity_and_flops_more_families(name, build, size):
-    _check_training_default(name, build, size)
+    _check(build, size, CLOSED_BOUND.get(name, 1.15), mix="hard", tie_depthwise=True, skip_depthwise_mix=True)
 
 
 def test_hard_mix_lean_layers_select_channels():
