@@ -574,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
                                              "depthwise,residual (convert's tie_depthwise / tie_residual), plus "
                                              "skip-mix (convert's skip_depthwise_mix, with depthwise); results "
                                              "get '_tied' plus the tyings")
+    p.add_argument("--gate-structure", default="free", choices=("free", "prefix"),
+                   help="the gates' structure (convert's gate_structure; results get '_prefix' for prefix)")
     p.add_argument("--no-train", action="store_true", help="skip the trained-gates rows")
     p.add_argument("--train-steps", type=int, default=25, help="steps per epoch of the short training run")
     p.add_argument("--train-epochs", type=int, default=4)
@@ -587,6 +589,8 @@ def main(argv: list[str] | None = None) -> int:
     if "skip-mix" in args.ties_list and "depthwise" not in args.ties_list:
         p.error("--tie skip-mix needs depthwise (it skips the mix in front of tied depthwise convs)")
     args.ties = {("skip_depthwise_mix" if t == "skip-mix" else f"tie_{t}"): True for t in args.ties_list}
+    if args.gate_structure != "free":  # passed on with the ties to convert() and TrainConfig
+        args.ties["gate_structure"] = args.gate_structure
     if not args.mixes or any(m not in TRAIN_MIXES for m in args.mixes) or len(set(args.mixes)) < len(args.mixes):
         p.error(f"--mix takes soft, hard, anneal or a comma-separated list of them, got {args.mix!r}")
     if not args.no_train and args.tasks > 3:
@@ -597,6 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     stem += "".join(f"_{t}" for t in sorted(args.ties_list) if t != "skip-mix")
     stem = stem.replace("_depthwise_residual", "_tied").replace("_depthwise", "_tied_depthwise").replace(
         "_residual", "_tied_residual") + ("_skipmix" if "skip-mix" in args.ties_list else "")
+    stem += f"_{args.gate_structure}" if args.gate_structure != "free" else ""
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
     tasks = tuple(f"task{i}" for i in range(args.tasks))
@@ -633,9 +638,11 @@ def main(argv: list[str] | None = None) -> int:
                                       "tie_depthwise=True))",
                          "residual": "; the gated layers that write one residual stream use one gate (convert(..., "
                                      "tie_residual=True))",
+                         "prefix": "; prefix structure: each task keeps a leading run of every layer's channels and "
+                                   "the shared slot reads one task per layer (convert(..., gate_structure='prefix'))",
                          "skip-mix": "; a layer that only tied depthwise convs read passes its shared branch on "
                                      "without the mix (convert(..., skip_depthwise_mix=True))"}[t]
-                        for t in args.ties_list)),
+                        for t in args.ties_list + ([args.gate_structure] if args.gate_structure != "free" else []))),
             "shared mix": "; ".join({"soft": "soft: softmax of beta, a Mul/Add chain per layer in the lean graph",
                                      "hard": "hard (rows marked 'hard mix'): one-hot argmax of beta (random rows: "
                                              "of the same random beta), one channel gather per layer in the lean "

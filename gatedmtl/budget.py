@@ -122,6 +122,10 @@ def project_to_budget(model: GatedModel, budget_flops: float, input_shape: Seque
     comes back), so the loop walks the logits in order and counts exact savings per channel.
     Changes the ``alpha`` of the changed gates to ``-|alpha| - eps`` / ``+|alpha| + eps``; returns
     the predicted FLOPs on ``input_shape`` (default: batch 1).
+
+    Gates with the prefix structure keep it: their effective logits fall along the channels, so a
+    task's last open group is closed first and its first closed group is opened first, and a group
+    that is skipped (it would overshoot the budget) keeps every later group of that task closed.
     """
     if not 0.0 <= tolerance < 1.0:
         raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
@@ -138,13 +142,15 @@ def project_to_budget(model: GatedModel, budget_flops: float, input_shape: Seque
         layer_costs[id(gate)] = layer_costs.get(id(gate), 0) + c.to(torch.float64)
     # flat views: gate index, task, group of channels (a single channel unless gate_group > 1), logit;
     # every channel of a group has the same gates, so a group's saving is its channels' summed cost
+    # (the effective logits: with the prefix structure they fall along a task's groups, and ties go to
+    # the later group when closing (-c sorts it first) and to the earlier one when opening)
     entries = []
     for g, gate in enumerate(gates):
-        a = gate.alpha.detach().cpu()
+        a = gate.group_logits().detach().cpu()
         for t in range(num_tasks):
             for c, v in enumerate(a[t].tolist()):
-                entries.append((v, g, t, c))
-    open_count = [(gate.alpha > 0).sum(0).cpu().tolist() for gate in gates]
+                entries.append((v, g, t, -c))
+    open_count = [(gate.group_logits() > 0).sum(0).cpu().tolist() for gate in gates]
     costs = [(shape[0] * gate.to_groups(layer_costs[id(gate)])).tolist() for gate in gates]
 
     def live(k: int) -> int:
@@ -153,6 +159,7 @@ def project_to_budget(model: GatedModel, budget_flops: float, input_shape: Seque
     changes: list[tuple[int, int, int, bool]] = []
     if current > budget_flops:
         for v, g, t, c in sorted(e for e in entries if e[0] > 0):
+            c = -c
             if current <= budget_flops:
                 break
             k = open_count[g][c]
@@ -160,16 +167,25 @@ def project_to_budget(model: GatedModel, budget_flops: float, input_shape: Seque
             open_count[g][c] = k - 1
             changes.append((g, t, c, False))
     elif current < (1.0 - tolerance) * budget_flops:
+        stuck: set[tuple[int, int]] = set()  # prefix-structured (gate, task) rows with a group left closed
         for v, g, t, c in sorted((e for e in entries if e[0] <= 0), reverse=True):
+            c = -c
             if current >= (1.0 - tolerance) * budget_flops:
                 break
+            if (g, t) in stuck:
+                continue
             k = open_count[g][c]
             delta = (live(k + 1) - live(k)) * costs[g][c]
             if current + delta > budget_flops:
+                if gates[g].structure == "prefix":
+                    stuck.add((g, t))
                 continue
             current += delta
             open_count[g][c] = k + 1
             changes.append((g, t, c, True))
+    for gate in gates:  # a prefix gate's logits become its effective ones (the same mask, falling along the
+        if gate.structure == "prefix":  # groups), so that opening a group opens no later one with it
+            gate.alpha.copy_(gate.group_logits())
     for g, t, c, opened in changes:
         a = gates[g].alpha
         mag = abs(float(a[t, c])) + 1e-3

@@ -111,6 +111,12 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "shared branch on to them without the tasks' mix, which then happens once per expansion + "
                         "depthwise pair (the lean model needs no channel selection there); default: on with "
                         "--tie-depthwise, --no-skip-depthwise-mix keeps the mix")
+    p.add_argument("--gate-structure", default="free", choices=["free", "prefix"],
+                   help="which channels a task may keep: free (any of each layer's channel groups, as in the GatedMTL "
+                        "paper) or prefix (a leading run of each layer's channels, the shared branch reading one "
+                        "task per layer: the lean model restores every task's width with concats instead of channel "
+                        "gathers, faster on ONNX Runtime's CPU layout; a task learns how many channels it keeps, "
+                        "not which)")
     p.add_argument("--tau", default="", help="GatedMTL's per-task targets (fraction of task-specific channels), "
                                              "e.g. seg=0.3,depth=0.5")
     p.add_argument("--balance", default="ew", help="loss-balancing strategy ('list' prints them)")
@@ -154,7 +160,7 @@ def _config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         init_logit=args.init_logit, gate_group=args.gate_group, mix=args.mix,
         mix_anneal=_fractions(args.mix_anneal, "--mix-anneal"), tie_depthwise=args.tie_depthwise,
         tie_residual=args.tie_residual, skip_depthwise_mix=args.skip_depthwise_mix,
-        budget_mode=args.budget_mode,
+        gate_structure=args.gate_structure, budget_mode=args.budget_mode,
         tau={k: float(v) for k, v in _kv(args.tau, "--tau").items()}, balance=args.balance,
         balance_options={k: _value(v) for k, v in _kv(args.balance_opt, "--balance-opt").items()},
         seed=args.seed, out=args.out, checkpoint=args.checkpoint, partial_checkpoint=args.partial_checkpoint,
@@ -397,7 +403,7 @@ def _verify(args: argparse.Namespace, explicit: set[str]) -> int:
     backbone = timm.create_model(args.model, pretrained=False, features_only=args.features_only)
     report = verify(backbone, input_size=_size(args.input) if args.input else None, mix=args.mix,
                     tie_depthwise=args.tie_depthwise, tie_residual=args.tie_residual,
-                    skip_depthwise_mix=args.skip_depthwise_mix)
+                    skip_depthwise_mix=args.skip_depthwise_mix, gate_structure=args.gate_structure)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:
@@ -441,6 +447,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p.add_argument("--tie-residual", action="store_true", help="convert with convert(..., tie_residual=True)")
     p.add_argument("--skip-depthwise-mix", action="store_true",
                    help="convert with convert(..., skip_depthwise_mix=True) (needs --tie-depthwise)")
+    p.add_argument("--gate-structure", default="free", choices=["free", "prefix"],
+                   help="convert with convert(..., gate_structure=...)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     sub.add_parser("profile", help="FLOPs, params, per-slot/per-layer table and ORT latency (see profile --help)")
     return parser, subs

@@ -118,7 +118,11 @@ class Deferred:
                 self._full = self.parts[0]
             else:
                 whole = self._whole_part()
-                self._full = whole if whole is not None else self._pool().index_select(self.axis, self.index)
+                if whole is not None:
+                    self._full = whole
+                else:
+                    runs = self._whole_runs()
+                    self._full = self._cat(runs) if runs is not None else self._pool().index_select(self.axis, self.index)
         return self._full
 
     def _whole_part(self) -> Tensor | None:
@@ -132,13 +136,40 @@ class Deferred:
             offset += width
         return None
 
-    def _pool(self) -> Tensor:
-        if len(self.parts) == 1:
-            return self.parts[0]
-        key = ("cat", self.axis, *(id(p) for p in self.parts))
+    def _whole_runs(self) -> list[Tensor] | None:
+        """The parts that ``index`` reads one after the other, each whole and in order (else ``None``).
+
+        Such a restore is a concat of whole parts: ONNX Runtime's blocked CPU layout keeps a
+        Concat, where a Gather costs a layout change before and after it.
+        """
+        widths = [int(p.shape[self.axis]) for p in self.parts]
+        starts = [sum(widths[:k]) for k in range(len(widths))]
+        index = self.index.detach().cpu()
+        runs: list[Tensor] = []
+        position = 0
+        while position < index.numel():
+            first = int(index[position])
+            if first not in starts:
+                return None
+            k = starts.index(first)
+            expected = torch.arange(first, first + widths[k])
+            if not torch.equal(index[position:position + widths[k]], expected):
+                return None
+            runs.append(self.parts[k])
+            position += widths[k]
+        return runs or None
+
+    def _cat(self, parts: Sequence[Tensor]) -> Tensor:
+        """``torch.cat(parts)`` along the channel axis, once per sequence of parts (shared by the memo)."""
+        if len(parts) == 1:
+            return parts[0]
+        key = ("cat", self.axis, *(id(p) for p in parts))
         if key not in self.memo:
-            self.memo[key] = (torch.cat(self.parts, self.axis), self.parts)  # parts kept: ids stay unique
+            self.memo[key] = (torch.cat(list(parts), self.axis), list(parts))  # parts kept: ids stay unique
         return self.memo[key][0]
+
+    def _pool(self) -> Tensor:
+        return self._cat(self.parts)
 
     @property
     def shape(self) -> torch.Size:

@@ -28,6 +28,16 @@ mix, so that the shared slot first learns from a convex mix and ends on a channe
 With ``group > 1`` one gate logit decides ``group`` consecutive channels, so every lean layer
 keeps a multiple of ``group`` filters per slot (widths that vectorised CPU kernels such as ONNX
 Runtime's NCHWc convolutions run without padding).
+
+**Prefix structure** (``structure="prefix"``). Each task keeps a leading run of the layer's
+channels and borrows the rest: the effective gate logit of group ``g`` is
+``min(alpha[t, :g + 1])`` (a running minimum, so the open groups of a task are ``0 .. k_t - 1``),
+and the shared slot reads one task per layer (the mixing logits are ``beta`` averaged over the
+channels). A task learns how many channels it keeps, not which. In the lean model every task's
+full width is then its own branch output followed by the shared branch's last channels, which
+the lean layer computes as separate pieces, so that each restore is a concat of whole branch
+outputs (no channel gather, which ONNX Runtime's blocked CPU layout cannot keep), and the shared
+slot's next input is one task's restore as it is. ``"free"`` (default) is the paper's gates.
 """
 
 from __future__ import annotations
@@ -35,10 +45,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ChannelGate", "straight_through", "check_group", "check_mix", "DEFAULT_GATE_GROUP", "MIX_MODES"]
+__all__ = ["ChannelGate", "straight_through", "check_group", "check_mix", "check_structure", "DEFAULT_GATE_GROUP",
+           "MIX_MODES", "GATE_STRUCTURES"]
 
 MIX_MODES = ("soft", "hard")
 """How the shared slot reads the task features: ``softmax(beta)`` or its straight-through one-hot argmax."""
+
+GATE_STRUCTURES = ("free", "prefix")
+"""Which open sets a gate may learn: any (the paper's gates) or a leading run of channels per task (module docstring)."""
 
 DEFAULT_GATE_GROUP = 16
 """Channels per gate of a new conversion: ONNX Runtime's blocked (NCHWc) CPU convolutions run
@@ -65,6 +79,7 @@ class ChannelGate(nn.Module):
         beta: ``[T, C]`` mixing logits; the shared slot reads ``softmax(beta, dim=0)``
             (``mix_mode="soft"``) or its one-hot argmax (``"hard"``), see :meth:`mixing_weights`.
         mix_mode: ``"soft"`` or ``"hard"`` (module docstring).
+        structure: ``"free"`` or ``"prefix"`` (module docstring).
         temperature: divides ``beta`` in the soft mix (module docstring); positive, 1 by default.
         cost: ``[C]`` MACs of one channel of one slot for one sample (filter + fused norm; summed
             over the layers that use the gate when it is tied), filled by
@@ -74,12 +89,13 @@ class ChannelGate(nn.Module):
     _gatedmtl_gate = True
 
     def __init__(self, num_tasks: int, channels: int, channel_dim: int, init_logit: float = 1.0,
-                 group: int = 1, mix: str = "soft") -> None:
+                 group: int = 1, mix: str = "soft", structure: str = "free") -> None:
         super().__init__()
         if channel_dim not in (1, -1):
             raise ValueError(f"channel_dim must be 1 or -1, got {channel_dim}")
         check_group(group)
         self.mix_mode = check_mix(mix)
+        self.structure = check_structure(structure)
         self.temperature = 1.0
         self.num_tasks = num_tasks
         self.channels = channels
@@ -94,9 +110,15 @@ class ChannelGate(nn.Module):
     def num_slots(self) -> int:
         return self.num_tasks + 1
 
+    def group_logits(self) -> Tensor:
+        """``[T, G]`` effective gate logit of every group: ``alpha``, or its running minimum with the prefix structure."""
+        if self.structure == "prefix":
+            return torch.cummin(self.alpha, dim=1).values
+        return self.alpha
+
     def channel_logits(self) -> Tensor:
-        """``[T, C]`` gate logit of every channel (``alpha`` repeated over each group)."""
-        return self.to_channels(self.alpha)
+        """``[T, C]`` gate logit of every channel (:meth:`group_logits` repeated over each group)."""
+        return self.to_channels(self.group_logits())
 
     def to_channels(self, per_group: Tensor) -> Tensor:
         """``[..., G]`` -> ``[..., C]``: each group's value repeated over its channels."""
@@ -118,6 +140,9 @@ class ChannelGate(nn.Module):
         groups = open_[:, :: self.group]
         if not torch.equal(self.to_channels(groups), open_):
             raise ValueError(f"gate '{self.name}': the mask is not constant within groups of {self.group} channels")
+        if self.structure == "prefix" and bool((groups[:, 1:] & ~groups[:, :-1]).any()):
+            raise ValueError(f"gate '{self.name}' has the prefix structure: every task's open channels must be a "
+                             "leading run of the layer's channels")
         with torch.no_grad():
             self.alpha.copy_(torch.where(groups.to(self.alpha.device), 1.0, -1.0))
 
@@ -137,14 +162,19 @@ class ChannelGate(nn.Module):
         """
         if self.mix_mode == "soft":
             return torch.softmax(self.mix_logits(), dim=0)
-        soft = torch.softmax(self.beta, dim=0)
-        return _one_hot(self.beta).to(soft.dtype) + (soft - soft.detach())
+        beta = self.mix_logits()
+        soft = torch.softmax(beta, dim=0)
+        return _one_hot(beta).to(soft.dtype) + (soft - soft.detach())
 
     def mix_logits(self) -> Tensor:
-        """``[T, C]`` the logits whose softmax the soft mix reads: ``beta / temperature``."""
+        """``[T, C]`` the logits the mix reads: ``beta / temperature`` (soft mix), ``beta`` (hard mix);
+        with the prefix structure ``beta`` averaged over the channels (one task per layer)."""
+        beta = self.beta
+        if self.structure == "prefix":
+            beta = beta.mean(dim=1, keepdim=True).expand_as(beta)
         if self.mix_mode == "hard" or self.temperature == 1.0:
-            return self.beta
-        return self.beta / self.temperature
+            return beta
+        return beta / self.temperature
 
     def set_mix_state(self, mode: str, temperature: float = 1.0) -> None:
         """Switch the mix (``"soft"`` / ``"hard"``) and the soft mix's temperature (> 0)."""
@@ -155,8 +185,8 @@ class ChannelGate(nn.Module):
         self.mix_mode, self.temperature = mode, temperature
 
     def mix_choice(self) -> Tensor:
-        """``[C]`` the task that the hard mix reads per channel (``argmax`` of ``beta``, ties: the first)."""
-        return self.beta.detach().argmax(0)
+        """``[C]`` the task that the hard mix reads per channel (``argmax`` of :meth:`mix_logits`, ties: the first)."""
+        return self.mix_logits().detach().argmax(0)
 
     def set_mix_choice(self, choice: Tensor) -> None:
         """Set ``beta`` so that the hard mix reads task ``choice[c]`` at channel ``c`` (``[C]`` integers)."""
@@ -164,6 +194,9 @@ class ChannelGate(nn.Module):
         if choice.numel() != self.channels or (choice.numel() and (choice.min() < 0 or choice.max() >= self.num_tasks)):
             raise ValueError(f"gate '{self.name}': a mix choice holds {self.channels} task indices in "
                              f"[0, {self.num_tasks}), got {choice.numel()} values")
+        if self.structure == "prefix" and choice.numel() and bool((choice != choice[0]).any()):
+            raise ValueError(f"gate '{self.name}' has the prefix structure: the shared slot reads one task per layer, "
+                             "so a mix choice must name the same task at every channel")
         with torch.no_grad():
             self.beta.zero_()
             self.beta.scatter_(0, choice.to(self.beta.device)[None], 1.0)
@@ -199,6 +232,7 @@ class ChannelGate(nn.Module):
 
     def extra_repr(self) -> str:
         group = f", group={self.group}" if self.group != 1 else ""
+        group += f", structure={self.structure!r}" if self.structure != "free" else ""
         mix = f", mix={self.mix_mode!r}" if self.mix_mode != "soft" else ""
         if self.mix_mode == "soft" and self.temperature != 1.0:
             mix += f", temperature={self.temperature:g}"
@@ -218,6 +252,14 @@ def check_mix(mix: str, allowed: tuple[str, ...] = MIX_MODES) -> str:
         raise ValueError(f"mix must be one of {', '.join(allowed)} (how the shared slot reads the task features), "
                          f"got {mix!r}")
     return mix
+
+
+def check_structure(structure: str) -> str:
+    """Validate a gate structure: one of :data:`GATE_STRUCTURES`."""
+    if structure not in GATE_STRUCTURES:
+        raise ValueError(f"gate structure must be one of {', '.join(GATE_STRUCTURES)} (free: any open channels, as "
+                         f"in the paper; prefix: a leading run of channels per task), got {structure!r}")
+    return structure
 
 
 def _one_hot(beta: Tensor) -> Tensor:

@@ -124,11 +124,12 @@ def build_network(backbone: nn.Module, tasks: Mapping[str, Task] | Sequence[Task
                   arch: str = "gated", *, init_logit: float = 1.0, gate_group: int = DEFAULT_GATE_GROUP,
                   task_weights: Mapping[str, Mapping[str, Tensor]] | None = None, mix: str = "soft",
                   tie_depthwise: bool = False, tie_residual: bool = False,
-                  skip_depthwise_mix: bool = False) -> MultiTaskNet:
+                  skip_depthwise_mix: bool = False, gate_structure: str = "free") -> MultiTaskNet:
     """Encoder (``arch``: ``gated`` or ``shared``) + one head per task, sized by a probe pass.
 
-    ``mix``, ``tie_depthwise``, ``tie_residual``, ``skip_depthwise_mix``: the gated encoder's
-    shared-slot mix (``"soft"`` or ``"hard"``), gate tying and mixing (see :func:`gatedmtl.convert`).
+    ``mix``, ``tie_depthwise``, ``tie_residual``, ``skip_depthwise_mix``, ``gate_structure``: the
+    gated encoder's shared-slot mix (``"soft"`` or ``"hard"``), gate tying and mixing, and the open
+    sets its gates may learn (see :func:`gatedmtl.convert`).
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
@@ -143,7 +144,7 @@ def build_network(backbone: nn.Module, tasks: Mapping[str, Task] | Sequence[Task
         encoder: nn.Module = convert(backbone, [t.name for t in task_list], input_size=input_size,
                                      init_logit=init_logit, gate_group=gate_group, task_weights=task_weights,
                                      mix=mix, tie_depthwise=tie_depthwise, tie_residual=tie_residual,
-                                     skip_depthwise_mix=skip_depthwise_mix)
+                                     skip_depthwise_mix=skip_depthwise_mix, gate_structure=gate_structure)
     else:
         if task_weights:
             raise ValueError("task_weights only apply to the gated arch")

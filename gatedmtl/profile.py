@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from .cost import (_check_shape, _runs, _warn_uncounted, analyze, count_params, measure_flops, predict_flops,
                    shared_branch)
 from .flop_ops import NOT_COUNTED, uncounted_compute
-from .prune import LeanGatedLayer, LeanModel, computed_slots, prune
+from .prune import LeanGatedLayer, LeanModel, SplitBranch, computed_slots, prune
 from .slots import SlotModule, is_slot_unit
 from .surgery import GatedModel, gateable
 
@@ -298,10 +298,14 @@ def _lean_layers(model: LeanModel) -> list[LayerStats]:
     rows = []
     for name, layer in model.lean_layers():
         branch = next(b for b, p in zip(layer.branches, layer.present) if p)
+        if isinstance(branch, SplitBranch):
+            branch = branch.pieces[0]
         paired = isinstance(branch, nn.Sequential)
         core = branch[0] if paired else branch
         norm = type(branch[1]).__name__ if paired else None
-        depthwise = any(getattr(layer, f"in_index_{s}") is not None for s in range(layer.num_slots))
+        depthwise = any(getattr(layer, f"in_index_{s}") is not None for s in range(layer.num_slots)) or any(
+            isinstance(b, SplitBranch) and any(getattr(b, f"in_index_{i}") is not None for i in range(len(b.pieces)))
+            for b in layer.branches)
         kind = "depthwise" if depthwise else _kind(core)
         rows.append(LayerStats(name, kind, norm, layer.channels, list(layer.kept)))
     return rows

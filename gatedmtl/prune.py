@@ -42,7 +42,8 @@ from .streams import _count as _count_streams
 from .streams import _pick as _pick_stream
 from .surgery import GatedModel, _parents, conv_group_size
 
-__all__ = ["prune", "LeanModel", "LeanGatedLayer", "LeanSlotModule", "prune_out_channels", "computed_slots"]
+__all__ = ["prune", "LeanModel", "LeanGatedLayer", "LeanSlotModule", "SplitBranch", "prune_out_channels",
+           "computed_slots", "shared_pieces"]
 
 
 def prune_out_channels(module: nn.Module, keep: Tensor) -> nn.Module:
@@ -154,6 +155,52 @@ def _slot_chunks(x: Tensor, num_slots: int, wanted: Sequence[int]) -> dict[int, 
     return {i: view[i] for i in wanted}
 
 
+class SplitBranch(nn.Module):
+    """A lean layer's shared branch computed as pieces: ``forward(x) -> [y_0, y_1, ...]``.
+
+    Piece ``i`` holds consecutive kept filters of the shared branch (``cat(pieces)`` is the whole
+    branch's output, in its order) and reads input channels ``in_index_i`` of ``x`` (``None``:
+    all of them; a depthwise piece reads its own channels). Used where every task borrows a
+    whole number of pieces (gates with the prefix structure: a task borrows the channels after
+    its own, so the pieces end where some task's own channels end): each task's restore is then
+    a concat of whole branch outputs and no channel gather.
+    """
+
+    def __init__(self, pieces: Sequence[nn.Module], in_index: Sequence[Tensor | None]) -> None:
+        super().__init__()
+        if len(pieces) != len(in_index) or not pieces:
+            raise ValueError("a split branch needs one input index (or None) per piece, and at least one piece")
+        self.pieces = nn.ModuleList(pieces)
+        for i, idx in enumerate(in_index):
+            self.register_buffer(f"in_index_{i}", idx)
+
+    def forward(self, x: Tensor | Deferred) -> list[Tensor]:
+        outs = []
+        for i, piece in enumerate(self.pieces):
+            idx = getattr(self, f"in_index_{i}")
+            outs.append(piece(materialize(x.index_select(1, idx) if idx is not None else x)))
+        return outs
+
+    def first_layer(self) -> nn.Module:
+        """The first piece's filter layer (for attributes that backbone code reads)."""
+        piece = self.pieces[0]
+        return piece[0] if isinstance(piece, nn.Sequential) else piece
+
+
+def shared_pieces(keep: Tensor, open_: Tensor) -> list[Tensor]:
+    """``keep`` (the shared branch's kept channels, sorted) cut where the set of tasks borrowing a channel changes.
+
+    ``open_``: ``[T, C]`` gate mask. Every task then borrows whole pieces. With the prefix
+    structure a task borrows every channel after its own, so there is at most one piece per task.
+    """
+    if keep.numel() == 0:
+        return []
+    borrowers = (~open_[:, keep]).T  # [K, T]
+    change = (borrowers[1:] != borrowers[:-1]).any(1) | (keep[1:] != keep[:-1] + 1)
+    cuts = [0, *(change.nonzero().flatten() + 1).tolist(), int(keep.numel())]
+    return [keep[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+
+
 class LeanGatedLayer(nn.Module):
     """One gated layer after pruning: ``forward(x[S*b, ...]) -> y[S*b, ...]``.
 
@@ -256,6 +303,9 @@ class LeanGatedLayer(nn.Module):
             table = torch.stack([pos.get(s, torch.full((width,), -1)) for s in range(self.num_slots)])
             mix_index = table[self._mix_src, torch.arange(width)]
         self.register_buffer("mix_index", mix_index.to(device) if mix_index is not None else None)
+        # the task whose restore the hard mix reads as it is (one task chosen at every channel)
+        self.mix_same = next((t for t in range(len(self.sources)) if mix_index is not None
+                              and self.sources[t] == "pool" and torch.equal(mix_index.cpu(), getattr(self, f"restore_{t}").cpu())), None)
 
     def set_dead(self) -> None:
         """No later layer reads this layer's shared-slot output: stop computing its mix."""
@@ -274,6 +324,8 @@ class LeanGatedLayer(nn.Module):
                 raise
             for present, branch in zip(self.__dict__.get("present", ()), branches):
                 if present:
+                    if isinstance(branch, SplitBranch):
+                        branch = branch.first_layer()
                     layer = branch[0] if isinstance(branch, nn.Sequential) else branch
                     return getattr(layer, name)
             raise
@@ -283,7 +335,9 @@ class LeanGatedLayer(nn.Module):
             w = w.reshape((-1,) + (1,) * (like.dim() - 2))
         return w.to(like.dtype)
 
-    def _branch(self, s: int, x: Tensor | Deferred) -> Tensor:
+    def _branch(self, s: int, x: Tensor | Deferred) -> Tensor | list[Tensor]:
+        if isinstance(self.branches[s], SplitBranch):  # its pieces select their own input channels
+            return self.branches[s](x)
         idx = getattr(self, f"in_index_{s}")
         if idx is not None:  # a deferred input composes this selection with its own gather
             x = x.index_select(1, idx)
@@ -320,8 +374,10 @@ class LeanGatedLayer(nn.Module):
         for i, s in enumerate(self.slots):
             if self.present[s]:
                 outs[s] = self._branch(s, inputs[i])
-        shared = outs[0]
         dim = self.channel_dim
+        if isinstance(outs[0], list):  # a split shared branch: its pieces joined
+            outs[0] = torch.cat(outs[0], dim)
+        shared = outs[0]
         pool = torch.cat([outs[s] for s in self.pool_slots], dim=dim) if self.pool_slots else None
         full: list[Tensor] = []
         for t, src in enumerate(self.sources):
@@ -351,25 +407,35 @@ class LeanGatedLayer(nn.Module):
                 outs[s] = self._branch(s, inputs[i])
         memo: dict = {}
         dim = self.channel_dim
-        pool = [outs[s] for s in self.pool_slots]
+        # a split shared branch (SplitBranch) gives its pieces: every restore reads them as parts
+        shared = outs[0] if isinstance(outs[0], list) else [outs[0]]
+        pool = [part for s in self.pool_slots for part in (shared if s == 0 else [outs[s]])]
+
+        def whole_shared(index: Tensor | None = None) -> Deferred:
+            if index is None and len(shared) > 1:
+                index = torch.arange(sum(int(p.shape[dim]) for p in shared), device=shared[0].device)
+            return Deferred(shared, index, dim, memo)
+
         full: list[Deferred] = []
         for t, src in enumerate(self.sources):
             if src == "pool":
                 full.append(Deferred(pool, getattr(self, f"restore_{t}"), dim, memo))
             else:
-                full.append(Deferred([outs[t + 1] if src == "own" else outs[0]], None, dim, memo))
+                full.append(Deferred([outs[t + 1]], None, dim, memo) if src == "own" else whole_shared())
         result = []
         for s in self.slots:
             if s:
                 result.append(full[s - 1])
             elif self.mix == "shared":
-                result.append(Deferred([outs[0]], None, dim, memo))
+                result.append(whole_shared())
             elif self.mix == "direct":
-                result.append(Deferred([outs[0]], self.direct_index, dim, memo))
+                result.append(whole_shared(self.direct_index))
             elif self.mix == "dead":
                 result.append(full[0])
             elif self.mix == "copy":
                 result.append(Deferred([outs[self.mix_copy]], None, dim, memo))
+            elif self.mix_same is not None:  # the hard mix reads one task's restore as it is
+                result.append(full[self.mix_same])
             else:  # hard mix: one channel selection from the pool
                 result.append(Deferred(pool, self.mix_index, dim, memo))
         return result
@@ -561,6 +627,12 @@ def _positions(keep: Tensor, width: int) -> Tensor:
     return pos
 
 
+def _pruned_branch(layer: nn.Module, norm: nn.Module | None, keep: Tensor) -> nn.Module:
+    """A copy of ``layer`` (and of the ``norm`` after it, if any) with output channels ``keep`` only."""
+    pruned = prune_out_channels(copy.deepcopy(layer), keep)
+    return pruned if norm is None else nn.Sequential(pruned, prune_out_channels(copy.deepcopy(norm), keep))
+
+
 def _call_order(lean: LeanModel) -> list[LeanGatedLayer]:
     """Every call of a :class:`LeanGatedLayer` during one eval forward pass, in order."""
     calls: list[LeanGatedLayer] = []
@@ -675,11 +747,15 @@ def prune(model: GatedModel, *, streams: bool = True) -> LeanModel:
                 branches.append(None)
                 in_index.append(None)
                 continue
-            layer = prune_out_channels(copy.deepcopy(producer.slots[s]), keep[s])
-            if paired:
-                layer = nn.Sequential(layer, prune_out_channels(copy.deepcopy(unit.slots[s]), keep[s]))
-            branches.append(layer)
-            in_index.append(conv_input_channels(template, keep[s]))
+            pieces = shared_pieces(keep[0], open_) if s == 0 and gate.structure == "prefix" else [keep[s]]
+            cut = [_pruned_branch(producer.slots[s], unit.slots[s] if paired else None, k) for k in pieces]
+            inputs = [conv_input_channels(template, k) for k in pieces]
+            if len(pieces) > 1:  # every task's restore: its own output and whole pieces (no gather)
+                branches.append(SplitBranch(cut, inputs))
+                in_index.append(None)
+            else:
+                branches.append(cut[0])
+                in_index.append(inputs[0])
         hard = gate.mix_mode == "hard"
         weights = None if hard else gate.mixing_weights().detach().cpu().to(template.weight.dtype)
         choice = gate.mix_choice().cpu() if hard else None

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .gates import DEFAULT_GATE_GROUP, ChannelGate, check_group, check_mix
+from .gates import DEFAULT_GATE_GROUP, ChannelGate, check_group, check_mix, check_structure
 from .probe import UnfoldableModuleError, probe
 from .slots import SlotModule, fold, is_slot_unit, unfold_slot
 
@@ -198,6 +198,7 @@ def convert(
     tie_depthwise: bool = False,
     tie_residual: bool = False,
     skip_depthwise_mix: bool = False,
+    gate_structure: str = "free",
 ) -> GatedModel:
     """Turn ``backbone`` into a :class:`GatedModel` with a shared slot and one slot per task.
 
@@ -235,6 +236,10 @@ def convert(
             lean shared depthwise branch then reads the shared expansion branch directly (no
             channel selection, where the mix took one from every branch's output); see
             :attr:`GatedModel.unmixed_layers`.
+        gate_structure: ``"free"`` (default: a task may keep any of a layer's channel groups, as in
+            the paper) or ``"prefix"`` (a task keeps a leading run of the layer's channels and the
+            shared slot reads one task per layer; the lean model then restores every task's width
+            with concats of whole branch outputs, no channel gathers; see :mod:`gatedmtl.gates`).
 
     Every slot starts as a copy of the backbone, so before training every task's output
     equals ``backbone(x)`` for any gate pattern.
@@ -242,6 +247,7 @@ def convert(
     names = _validate_tasks(tasks)
     check_group(gate_group)
     check_mix(mix)
+    check_structure(gate_structure)
     if skip_depthwise_mix and not tie_depthwise:
         raise ValueError("skip_depthwise_mix=True needs tie_depthwise=True: it skips the shared mix in front of "
                          "depthwise convolutions that use their input layer's gate")
@@ -311,7 +317,8 @@ def convert(
                 gate = owner
                 tied[name] = owner.name
             else:
-                gate = ChannelGate(len(names), channels, -1 if linear else 1, init_logit, group=group, mix=mix)
+                gate = ChannelGate(len(names), channels, -1 if linear else 1, init_logit, group=group, mix=mix,
+                                   structure=gate_structure)
                 gate.name = name
             gates[name] = gate
             order.append(name)

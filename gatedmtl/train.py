@@ -39,7 +39,7 @@ from .files import check_not_special, check_output, remove_stale_temps
 from .cost import count_flops, expected_flops, predict_flops
 from .data import create_dataset, dataset_tasks
 from .network import MultiTaskNet, build_backbone, build_network, tasks_from_spec
-from .gates import DEFAULT_GATE_GROUP, MIX_MODES, ChannelGate, check_group, check_mix
+from .gates import DEFAULT_GATE_GROUP, MIX_MODES, ChannelGate, check_group, check_mix, check_structure
 from .parallel import all_reduce_mean_, average_running_stats, broadcast_state, global_losses, init_distributed
 from .parallel import dist_info as _dist_info
 from .parallel import unreached_parameters
@@ -104,6 +104,8 @@ class TrainConfig:
     skip_depthwise_mix: bool | None = None  # no shared mix in front of the tied depthwise convs (see convert); None
     # (the default): the same as tie_depthwise, resolved at construction so that a saved config holds the choice
     # (benchmarks/results/latency_annealmix_tied_depthwise_skipmix.md, mix_comparison_mobilenetv3_large_100.md)
+    gate_structure: str = "free"  # "free" (any open channels, the paper's gates) or "prefix" (a leading run of
+    # channels per task, one task read by the shared slot per layer: a lean graph without channel gathers; see convert)
     tau: dict[str, float] = field(default_factory=dict)
     lambda_tau: float = 1.0
     balance: str = "ew"
@@ -145,6 +147,7 @@ class TrainConfig:
             raise ValueError("--tau and --init-task-weights need the gated arch")
         check_group(self.gate_group)
         check_mix(self.mix, TRAIN_MIXES)
+        check_structure(self.gate_structure)
         MixAnneal(*self.mix_anneal, total_steps=1)  # validates the fractions
         if self.budget_mode not in ("max", "target"):
             raise ValueError(f"budget_mode must be 'max' or 'target', got {self.budget_mode!r}")
@@ -311,7 +314,8 @@ def build_from_config(config: TrainConfig, task_spec: Mapping[str, Mapping[str, 
     return build_network(backbone, tasks_from_spec(task_spec), input_size, config.arch,
                          init_logit=config.init_logit, gate_group=config.gate_group, task_weights=task_weights,
                          mix="soft" if config.mix == "anneal" else config.mix, tie_depthwise=config.tie_depthwise,
-                         tie_residual=config.tie_residual, skip_depthwise_mix=config.skip_depthwise_mix)
+                         tie_residual=config.tie_residual, skip_depthwise_mix=config.skip_depthwise_mix,
+                         gate_structure=config.gate_structure)
 
 
 TRAIN_MIXES = (*MIX_MODES, "anneal")
@@ -795,9 +799,9 @@ def finalize(net: MultiTaskNet, budget_flops: float | None, input_size: Sequence
     report: dict[str, Any] = {"before_projection": predict_flops(enc, (1, *input_size))}
     if budget_flops is not None:
         report["requested"] = budget_flops
-        before = [g.alpha.detach() > 0 for g in enc.unique_gates()]
+        before = [g.group_logits().detach() > 0 for g in enc.unique_gates()]
         report["predicted"] = project_to_budget(enc, budget_flops, (1, *input_size))
-        changed = sum(int((b != (g.alpha.detach() > 0)).sum()) for b, g in zip(before, enc.unique_gates()))
+        changed = sum(int((b != (g.group_logits().detach() > 0)).sum()) for b, g in zip(before, enc.unique_gates()))
         total = sum(b.numel() for b in before)
         report["changed_gates"], report["gates"] = changed, total
         off = report["before_projection"] / budget_flops - 1

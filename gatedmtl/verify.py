@@ -38,12 +38,21 @@ def relative_error(a: Any, b: Any) -> float:
 
 @torch.no_grad()
 def set_gates(model: GatedModel, pattern: str | float, generator: torch.Generator | None = None) -> None:
-    """Set every gate: ``"open"``, ``"closed"`` or a fraction of open channels (random), with random ``beta``."""
+    """Set every gate: ``"open"``, ``"closed"`` or a fraction of open channels (random), with random ``beta``.
+
+    A fraction opens each group with that probability; with the prefix structure each task
+    keeps a leading run of ``Binomial(groups, fraction)`` groups instead (the same expected share).
+    """
     for gate in model.gates():
         if pattern == "open":
             gate.alpha.fill_(1.0)
         elif pattern == "closed":
             gate.alpha.fill_(-1.0)
+        elif gate.structure == "prefix":
+            tasks, groups = gate.alpha.shape
+            kept = torch.binomial(torch.full((tasks, 1), float(groups)), torch.full((tasks, 1), float(pattern)),
+                                  generator=generator)
+            gate.alpha.copy_(torch.where(torch.arange(groups)[None] < kept, 1.0, -1.0))
         else:
             u = torch.rand(gate.alpha.shape, generator=generator)
             gate.alpha.copy_(torch.where(u < float(pattern), 1.0, -1.0))
@@ -127,7 +136,8 @@ class VerifyReport:
 def verify(backbone: nn.Module, tasks: Sequence[str] = ("a", "b", "c"), input_size: tuple[int, ...] | None = None,
            patterns: Sequence[str | float] = GATE_PATTERNS, batch: int = 2, seed: int = 0,
            flops: bool = True, mix: str = "soft", tie_depthwise: bool = False,
-           tie_residual: bool = False, skip_depthwise_mix: bool = False) -> VerifyReport:
+           tie_residual: bool = False, skip_depthwise_mix: bool = False,
+           gate_structure: str = "free") -> VerifyReport:
     """Convert ``backbone``, then measure convert parity, prune parity and FLOP prediction.
 
     Convert parity: every task output vs ``backbone(x)`` with random gates. Prune parity and
@@ -137,14 +147,15 @@ def verify(backbone: nn.Module, tasks: Sequence[str] = ("a", "b", "c"), input_si
     any makes :attr:`VerifyReport.ok` false.
 
     ``input_size`` is the backbone's per-sample ``(C, H, W)`` as :func:`gatedmtl.convert` takes it,
-    ``mix`` its shared-slot mix (``"soft"`` or ``"hard"``), ``tie_depthwise``, ``tie_residual`` and ``skip_depthwise_mix`` as in
-    :func:`gatedmtl.convert`.
+    ``mix`` its shared-slot mix (``"soft"`` or ``"hard"``), ``tie_depthwise``, ``tie_residual``,
+    ``skip_depthwise_mix`` and ``gate_structure`` as in :func:`gatedmtl.convert`.
     """
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     backbone = backbone.eval()
     model = convert(backbone, tasks, input_size=input_size, mix=mix, tie_depthwise=tie_depthwise,
-                    tie_residual=tie_residual, skip_depthwise_mix=skip_depthwise_mix).eval()
+                    tie_residual=tie_residual, skip_depthwise_mix=skip_depthwise_mix,
+                    gate_structure=gate_structure).eval()
     size = model.input_size
     x = torch.randn((batch, *size), generator=gen)
     set_gates(model, 0.5, gen)

@@ -52,8 +52,11 @@ def _onnx_vs_torch(onnx_path: Path, checkpoint: Path) -> float:
 @pytest.mark.parametrize("extra", [[], ["--gate-group", "8"], ["--mix", "soft"], ["--mix", "hard"],
                                    ["--mix", "anneal", "--mix-anneal", "0.25,0.75"], ["--arch", "shared"],
                                    ["--model", "mobilenetv3_small_050", "--tie-depthwise", "--tie-residual"],
-                                   ["--model", "mobilenetv3_small_050", "--no-skip-depthwise-mix"]],
-                         ids=["gated", "group8", "softmix", "hardmix", "annealmix", "shared", "tied", "dwmix"])
+                                   ["--model", "mobilenetv3_small_050", "--no-skip-depthwise-mix"],
+                                   ["--gate-structure", "prefix", "--gate-group", "8"],
+                                   ["--model", "mobilenetv3_small_050", "--gate-structure", "prefix"]],
+                         ids=["gated", "group8", "softmix", "hardmix", "annealmix", "shared", "tied", "dwmix",
+                              "prefix", "prefix-tied"])
 def test_train_eval_prune_export_round_trip(tmp_path, capsys, extra):
     run = tmp_path / "run"
     rc, out, err = _run(capsys, "train", *TINY, *extra, "--out", run)
@@ -74,6 +77,8 @@ def test_train_eval_prune_export_round_trip(tmp_path, capsys, extra):
         # by default a mobilenetv3 run skips the mix in front of its tied depthwise convs; rebuilt as trained
         assert bool(net.encoder.unmixed_layers) == (
             "mobilenetv3_small_050" in extra and "--no-skip-depthwise-mix" not in extra)
+        structure = "prefix" if "prefix" in extra else "free"  # rebuilt with the run's gate structure
+        assert {g.structure for g in net.encoder.gates()} == {structure}
         for layer, owner in net.encoder.tied_gates.items():
             assert net.encoder.backbone.get_submodule(layer).gate is net.encoder.backbone.get_submodule(owner).gate
 
@@ -105,6 +110,7 @@ def test_train_eval_prune_export_round_trip(tmp_path, capsys, extra):
                                                                for _, m in trained.encoder.lean_layers()]
             assert all(torch.equal(a.mix_index, b.mix_index) for a, (_, b) in zip(layers, trained.encoder.lean_layers())
                        if a.mix == "select")
+            assert [type(m.branches[0]) for m in layers] == [type(m.branches[0]) for _, m in trained.encoder.lean_layers()]
 
     onnx_path = run / "model.onnx"
     rc, out, err = _run(capsys, "export", model, "--out", onnx_path)
