@@ -8,7 +8,8 @@ budget, projects each onto the budget, prunes it and evaluates the lean model. �
 against single-task networks (trained here with ``--train-stl``, or read from ``--stl-json``: a
 JSON file with ``{"results": {"single-task (3 networks)": {task: metrics}}}`` from runs with the
 same settings) and every mix against soft (where the seed has a soft run). A mix may carry gate tying, e.g. ``anneal+tie-residual``
-(``convert(..., tie_residual=True)``) or ``anneal+tie-residual+tie-depthwise``. Writes
+(``convert(..., tie_residual=True)``) or ``anneal+tie-residual+tie-depthwise``, and ``+prefix`` the prefix gate
+structure (``convert(..., gate_structure="prefix")``). Writes
 ``mix_comparison.md/.csv`` (``mix_comparison_<model>`` for a model other than resnet18) under ``--out``. Usage::
 
     python benchmarks/mix_comparison.py (--train-stl | --stl-json FILE) [--model resnet18] [--steps 240]
@@ -30,16 +31,17 @@ from gatedmtl.tasks import delta_mtl
 from gatedmtl.train import TrainConfig, Trainer, evaluate
 
 TASKS = ("seg", "depth", "normals")
-TIES = {"tie-residual": "tie_residual", "tie-depthwise": "tie_depthwise", "skip-dw-mix": "skip_depthwise_mix"}
+TIES = {"tie-residual": ("tie_residual", True), "tie-depthwise": ("tie_depthwise", True),
+        "skip-dw-mix": ("skip_depthwise_mix", True), "prefix": ("gate_structure", "prefix")}
 
 
-def parse_variant(spec: str) -> tuple[str, dict[str, bool]]:
-    """``"anneal+tie-residual"`` -> ``("anneal", {"tie_residual": True})``."""
+def parse_variant(spec: str) -> tuple[str, dict[str, bool | str]]:
+    """``"anneal+tie-residual+prefix"`` -> ``("anneal", {"tie_residual": True, "gate_structure": "prefix"})``."""
     mix, *ties = spec.split("+")
     unknown = [t for t in ties if t not in TIES]
     if unknown:
-        raise SystemExit(f"unknown tying {unknown} in {spec!r}; choose from {sorted(TIES)}")
-    return mix, {TIES[t]: True for t in ties}
+        raise SystemExit(f"unknown option {unknown} in {spec!r}; choose from {sorted(TIES)}")
+    return mix, dict(TIES[t] for t in ties)
 
 
 STL_KEY = "single-task (3 networks)"
@@ -62,6 +64,8 @@ def main() -> None:
     p.add_argument("--train-stl", action="store_true", help="train the single-task networks here (seed 0)")
     p.add_argument("--stl-json", default=None, help="single-task metrics of runs with the same settings (see above)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--name", default=None, help="file name of the table (default: mix_comparison, "
+                                                "mix_comparison_<model> for a model other than resnet18)")
     a = p.parse_args()
     if a.train_stl == (a.stl_json is not None):
         p.error("give one of --train-stl or --stl-json FILE (the single-task reference of the ΔMTL column)")
@@ -149,12 +153,13 @@ def main() -> None:
              f"Command: python benchmarks/mix_comparison.py --model {a.model} --steps {a.steps} --budget {a.budget} "
              f"--seeds {a.seeds} --mixes {a.mixes} --mix-anneal {a.mix_anneal}"
              + (" --train-stl" if a.train_stl else f" --stl-json {Path(a.stl_json).name}")
+             + (f" --name {a.name}" if a.name else "")
              + " (the runs of a seed may run as separate processes, one --mixes each, with a shared --cache).")
     cols = ["seed", "mix", "steps", "seg mIoU", "depth RMSE", "normals mean°", "ΔMTL % vs STL",
             "ΔMTL % vs soft (same seed)", "lean GFLOPs", "open", "cost before projection / budget",
             "gates changed by projection", "lean shared mixes", "trained (before projection) seg / depth / normals",
             "train s"]
-    name = "mix_comparison" if a.model == "resnet18" else f"mix_comparison_{a.model}"
+    name = a.name or ("mix_comparison" if a.model == "resnet18" else f"mix_comparison_{a.model}")
     write_table(name, "Soft, hard and annealed shared mix on the embedded scenes", notes, rows, cols,
                 out=a.out)
 

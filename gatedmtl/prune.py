@@ -627,6 +627,24 @@ def _positions(keep: Tensor, width: int) -> Tensor:
     return pos
 
 
+NCHWC_BLOCK = 16
+"""Channels per block of ONNX Runtime's blocked (NCHWc) CPU layout on AVX-512 (8 on AVX2): a Concat
+stays in that layout only when every input's channels are a multiple of it, and a convolution
+narrower than a block is padded up to one."""
+
+
+def _aligned(pieces: list[Tensor]) -> list[Tensor]:
+    """``pieces``, or the one piece they make up when some piece is not a multiple of :data:`NCHWC_BLOCK` wide.
+
+    The shared branch is split only where the split pays: with a ragged piece (a layer whose width
+    is not a multiple of the block) every restore's Concat leaves the blocked layout anyway, and
+    the ragged piece's convolution would compute a whole block.
+    """
+    if len(pieces) > 1 and any(p.numel() % NCHWC_BLOCK for p in pieces):
+        return [torch.cat(pieces)]
+    return pieces
+
+
 def _pruned_branch(layer: nn.Module, norm: nn.Module | None, keep: Tensor) -> nn.Module:
     """A copy of ``layer`` (and of the ``norm`` after it, if any) with output channels ``keep`` only."""
     pruned = prune_out_channels(copy.deepcopy(layer), keep)
@@ -747,7 +765,9 @@ def prune(model: GatedModel, *, streams: bool = True) -> LeanModel:
                 branches.append(None)
                 in_index.append(None)
                 continue
-            pieces = shared_pieces(keep[0], open_) if s == 0 and gate.structure == "prefix" else [keep[s]]
+            pieces = [keep[s]]
+            if s == 0 and gate.structure == "prefix":
+                pieces = _aligned(shared_pieces(keep[0], open_))
             cut = [_pruned_branch(producer.slots[s], unit.slots[s] if paired else None, k) for k in pieces]
             inputs = [conv_input_channels(template, k) for k in pieces]
             if len(pieces) > 1:  # every task's restore: its own output and whole pieces (no gather)
