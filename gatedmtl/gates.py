@@ -30,14 +30,17 @@ keeps a multiple of ``group`` filters per slot (widths that vectorised CPU kerne
 Runtime's NCHWc convolutions run without padding).
 
 **Prefix structure** (``structure="prefix"``). Each task keeps a leading run of the layer's
-channels and borrows the rest: the effective gate logit of group ``g`` is
-``min(alpha[t, :g + 1])`` (a running minimum, so the open groups of a task are ``0 .. k_t - 1``),
-and the shared slot reads one task per layer (the mixing logits are ``beta`` averaged over the
-channels). A task learns how many channels it keeps, not which. In the lean model every task's
-full width is then its own branch output followed by the shared branch's last channels, which
-the lean layer computes as separate pieces, so that each restore is a concat of whole branch
-outputs (no channel gather, which ONNX Runtime's blocked CPU layout cannot keep), and the shared
-slot's next input is one task's restore as it is. ``"free"`` (default) is the paper's gates.
+channels and borrows the rest: the effective gate logits of a task are its ``alpha`` sorted in
+decreasing order, so group ``g`` is open when more than ``g`` of the task's logits are positive
+(the open groups are ``0 .. k_t - 1``, ``k_t`` = the number of positive logits), and the gradient
+of position ``g`` reaches the logit sorted there (one logit per position, as with free gates: the
+number of open groups moves as it would with free gates). The shared slot reads one task per
+layer (the mixing logits are ``beta`` averaged over the channels). A task learns how many
+channels it keeps, not which. In the lean model every task's full width is then its own branch
+output followed by the shared branch's last channels, which the lean layer computes as separate
+pieces, so that each restore is a concat of whole branch outputs (no channel gather, which ONNX
+Runtime's blocked CPU layout cannot keep), and the shared slot's next input is one task's
+restore as it is. ``"free"`` (default) is the paper's gates.
 """
 
 from __future__ import annotations
@@ -111,9 +114,10 @@ class ChannelGate(nn.Module):
         return self.num_tasks + 1
 
     def group_logits(self) -> Tensor:
-        """``[T, G]`` effective gate logit of every group: ``alpha``, or its running minimum with the prefix structure."""
+        """``[T, G]`` effective gate logit of every group: ``alpha``, or each task's sorted in decreasing order with
+        the prefix structure."""
         if self.structure == "prefix":
-            return torch.cummin(self.alpha, dim=1).values
+            return torch.sort(self.alpha, dim=1, descending=True).values
         return self.alpha
 
     def channel_logits(self) -> Tensor:

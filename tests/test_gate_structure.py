@@ -39,22 +39,25 @@ def _leading_runs(mask: torch.Tensor) -> bool:
 
 # -- gates ---------------------------------------------------------------------------------------
 
-def test_effective_logits_are_the_running_minimum_over_the_groups():
-    alpha = [[2.0, -1.0, 3.0], [1.0, 2.0, 0.5], [-1.0, 4.0, 5.0]]
+def test_effective_logits_are_each_tasks_logits_sorted():
+    alpha = [[2.0, -1.0, 3.0], [1.0, 2.0, 0.5], [-1.0, 4.0, -5.0]]
     gate = _gate(alpha, group=2)
-    expected = torch.tensor([[2.0, -1.0, -1.0], [1.0, 1.0, 0.5], [-1.0, -1.0, -1.0]])
+    expected = torch.tensor([[3.0, 2.0, -1.0], [2.0, 1.0, 0.5], [4.0, -1.0, -5.0]])
     assert torch.equal(gate.group_logits(), expected)
     assert torch.equal(gate.channel_logits(), expected.repeat_interleave(2, dim=1))
-    assert gate.open_mask().tolist() == [[True, True, False, False, False, False], [True] * 6, [False] * 6]
+    # a task keeps as many groups as it has positive logits, the leading ones
+    assert gate.open_mask().tolist() == [[True] * 4 + [False] * 2, [True] * 6, [True] * 2 + [False] * 4]
     free = _gate(alpha, structure="free")
     assert torch.equal(free.group_logits(), free.alpha)  # the paper's gates: each logit on its own
 
 
-def test_a_group_gets_the_gradient_of_the_channels_whose_minimum_it_sets():
+def test_each_logit_gets_the_gradient_of_the_position_it_is_sorted_to():
     gate = _gate([[2.0, -1.0, 3.0]])
-    gate.mask().sum().backward()
+    weights = torch.tensor([[1.0, 10.0, 100.0]])  # the channels' costs, as in the budget term
+    (gate.mask() * weights).sum().backward()
     d = lambda v: float(torch.sigmoid(torch.tensor(v)) * (1 - torch.sigmoid(torch.tensor(v))))  # noqa: E731
-    assert gate.alpha.grad.tolist()[0] == pytest.approx([d(2.0), 2 * d(-1.0), 0.0])
+    # 3.0 sits at position 0, 2.0 at position 1, -1.0 at position 2
+    assert gate.alpha.grad.tolist()[0] == pytest.approx([10 * d(2.0), 100 * d(-1.0), 1 * d(3.0)])
 
 
 def test_the_shared_slot_reads_one_task_per_layer():
