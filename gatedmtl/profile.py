@@ -684,6 +684,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-depthwise-mix", action="store_true",
                    help="convert with no shared mix in front of tied depthwise convs (see gatedmtl train "
                         "--skip-depthwise-mix; needs --tie-depthwise)")
+    p.add_argument("--gate-structure", default="free", choices=["free", "prefix"],
+                   help="convert with this gate structure (see gatedmtl train --gate-structure)")
     p.add_argument("--input", type=_shape, default=None,
                    help="B,C,H,W, C,H,W or HxW (default: batch 1 at timm's input size)")
     p.add_argument("--features-only", action="store_true", help="build the timm model with features_only=True")
@@ -765,7 +767,8 @@ def _timm_profiles(args: argparse.Namespace) -> list[Profile]:
     backbone = timm.create_model(args.model, pretrained=False, **kwargs).eval()
     shape = args.input or (1, *default_input_size(backbone))
     gated = convert(backbone, tasks, input_size=shape[1:], mix=args.mix, tie_depthwise=args.tie_depthwise,
-                    tie_residual=args.tie_residual, skip_depthwise_mix=args.skip_depthwise_mix).eval()
+                    tie_residual=args.tie_residual, skip_depthwise_mix=args.skip_depthwise_mix,
+                    gate_structure=args.gate_structure).eval()
     set_gates(gated, args.density, torch.Generator().manual_seed(args.seed))
     lean = prune(gated).eval()
     opts = dict(latency=not args.no_latency, threads=args.threads, runs=args.runs)

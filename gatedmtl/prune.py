@@ -21,6 +21,12 @@ channel) or one more Gather (hard mix). Where the streams cannot run a backbone,
 folded on the batch axis (one Reshape + Gathers to split them per layer, one Concat to join them).
 Slots that are provably not needed are not computed at all (see :func:`computed_slots`): with
 every gate closed the lean model *is* the plain backbone.
+
+With prefix gates (``convert(..., gate_structure="prefix")``) a task borrows every channel after
+its own, so the shared branch is cut into at most T pieces (:class:`SplitBranch`, where every
+piece is a whole NCHWc block wide: :data:`NCHWC_BLOCK`) and every restore is a Concat of whole
+branch outputs, which ONNX Runtime keeps in its blocked layout; the hard mix then reads one
+task's restore as it is.
 """
 
 from __future__ import annotations
@@ -304,8 +310,11 @@ class LeanGatedLayer(nn.Module):
             mix_index = table[self._mix_src, torch.arange(width)]
         self.register_buffer("mix_index", mix_index.to(device) if mix_index is not None else None)
         # the task whose restore the hard mix reads as it is (one task chosen at every channel)
-        self.mix_same = next((t for t in range(len(self.sources)) if mix_index is not None
-                              and self.sources[t] == "pool" and torch.equal(mix_index.cpu(), getattr(self, f"restore_{t}").cpu())), None)
+        self.mix_same = None
+        for t, src in enumerate(self.sources):
+            if mix_index is not None and src == "pool" and torch.equal(mix_index, getattr(self, f"restore_{t}")):
+                self.mix_same = t
+                break
 
     def set_dead(self) -> None:
         """No later layer reads this layer's shared-slot output: stop computing its mix."""
