@@ -143,23 +143,25 @@ def project_to_budget(model: GatedModel, budget_flops: float, input_shape: Seque
     # flat views: gate index, task, group of channels (a single channel unless gate_group > 1), logit;
     # every channel of a group has the same gates, so a group's saving is its channels' summed cost
     # (the effective logits: with the prefix structure they fall along a task's groups, and ties go to
-    # the later group when closing (-c sorts it first) and to the earlier one when opening)
+    # the later group when closing and to the earlier one when opening: see ``order``)
     entries = []
     for g, gate in enumerate(gates):
         a = gate.group_logits().detach().cpu()
         for t in range(num_tasks):
             for c, v in enumerate(a[t].tolist()):
-                entries.append((v, g, t, -c))
+                entries.append((v, g, t, c))
     open_count = [(gate.group_logits() > 0).sum(0).cpu().tolist() for gate in gates]
     costs = [(shape[0] * gate.to_groups(layer_costs[id(gate)])).tolist() for gate in gates]
+
+    def order(e: tuple[float, int, int, int]) -> tuple[float, int, int, int]:
+        return e[0], e[1], e[2], -e[3]
 
     def live(k: int) -> int:
         return k + 1 - (1 if k == num_tasks else 0)
 
     changes: list[tuple[int, int, int, bool]] = []
     if current > budget_flops:
-        for v, g, t, c in sorted(e for e in entries if e[0] > 0):
-            c = -c
+        for v, g, t, c in sorted((e for e in entries if e[0] > 0), key=order):
             if current <= budget_flops:
                 break
             k = open_count[g][c]
@@ -168,8 +170,7 @@ def project_to_budget(model: GatedModel, budget_flops: float, input_shape: Seque
             changes.append((g, t, c, False))
     elif current < (1.0 - tolerance) * budget_flops:
         stuck: set[tuple[int, int]] = set()  # prefix-structured (gate, task) rows with a group left closed
-        for v, g, t, c in sorted((e for e in entries if e[0] <= 0), reverse=True):
-            c = -c
+        for v, g, t, c in sorted((e for e in entries if e[0] <= 0), key=order, reverse=True):
             if current >= (1.0 - tolerance) * budget_flops:
                 break
             if (g, t) in stuck:

@@ -111,30 +111,16 @@ class Deferred:
     def full(self) -> Tensor:
         """The restored tensor: one concat per set of parts (shared) and one gather.
 
-        An index that reads exactly one part, whole and in order, is that part (no concat, no gather).
+        An index that reads whole parts one after the other is their concat, no gather (one such
+        part: that part itself).
         """
         if self._full is None:
             if self.index is None:
                 self._full = self.parts[0]
             else:
-                whole = self._whole_part()
-                if whole is not None:
-                    self._full = whole
-                else:
-                    runs = self._whole_runs()
-                    self._full = self._cat(runs) if runs is not None else self._pool().index_select(self.axis, self.index)
+                runs = self._whole_runs()
+                self._full = self._cat(runs) if runs is not None else self._pool().index_select(self.axis, self.index)
         return self._full
-
-    def _whole_part(self) -> Tensor | None:
-        """The part that ``index`` reads whole and in order, if it reads exactly one."""
-        n = int(self.index.numel())
-        offset = 0
-        for p in self.parts:
-            width = int(p.shape[self.axis])
-            if width == n and torch.equal(self.index, torch.arange(offset, offset + n, device=self.index.device)):
-                return p
-            offset += width
-        return None
 
     def _whole_runs(self) -> list[Tensor] | None:
         """The parts that ``index`` reads one after the other, each whole and in order (else ``None``).
@@ -149,9 +135,9 @@ class Deferred:
         position = 0
         while position < index.numel():
             first = int(index[position])
-            if first not in starts:
+            k = next((j for j, (start, width) in enumerate(zip(starts, widths)) if start == first and width), None)
+            if k is None:  # (a part without channels never starts a run)
                 return None
-            k = starts.index(first)
             expected = torch.arange(first, first + widths[k])
             if not torch.equal(index[position:position + widths[k]], expected):
                 return None
