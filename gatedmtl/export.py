@@ -8,6 +8,10 @@ ONNX naming contract (read back by the stand-alone runner in ``export/run.py``):
 * the single input is called ``"image"`` and has a dynamic batch axis named ``"batch"``;
 * a task returning a tensor becomes the output ``"{task}"``;
 * a task returning a list/tuple becomes the outputs ``"{task}.0"``, ``"{task}.1"``, ...;
+* an output that is the very tensor an earlier task returned (a lean model whose tasks all borrow
+  a level from the shared branch) is exported once, under the earlier task's name: ONNX Runtime
+  would otherwise copy it once per extra graph output. The later task's entry in the metadata
+  names that output (``{"task": "c", "kind": "list", "outputs": ["b.0", "c.1"]}``);
 * the structure is stored as JSON in the model's ``metadata_props`` under the key
   :data:`METADATA_KEY`, e.g. ``{"version": 1, "input": {...}, "tasks": [{"task": "b", "kind": "list",
   "outputs": ["b.0", "b.1"]}]}``.
@@ -84,7 +88,8 @@ class ExportReport:
     Attributes:
         path: the ``.onnx`` file.
         outputs: ONNX output name -> shape of that output for ``input_shape`` (PyTorch forward), in output order.
-        tasks: task name -> its ONNX output names (one name for a tensor task, ``task.i`` for list tasks).
+        tasks: task name -> its ONNX output names (one name for a tensor task, ``task.i`` for list tasks;
+            an output that is an earlier task's tensor is named as that task's output).
         max_rel_error: ONNX output name -> worst scale-aware relative error vs PyTorch over the checked batch
             sizes (empty when ``check=False``).
         checked_batches: batch sizes run through onnxruntime during the check.
@@ -280,11 +285,15 @@ def compare_outputs(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _flatten_outputs(out: Any) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
-    """Flatten ``{task: tensor | list[tensor]}`` into task records and a flat tensor list (ONNX output order).
+def _flatten_outputs(out: Any) -> tuple[list[dict[str, Any]], list[str], list[torch.Tensor]]:
+    """Flatten ``{task: tensor | list[tensor]}`` into task records and the ONNX outputs (names and tensors, in order).
+
+    A tensor that an earlier task already returned (the same object) is one ONNX output: the later
+    task's record names the earlier output.
 
     Returns:
-        (tasks, tensors) with ``tasks = [{"task": str, "kind": "tensor"|"list", "outputs": [names]}]``.
+        (tasks, names, tensors) with ``tasks = [{"task": str, "kind": "tensor"|"list", "outputs": [names]}]``
+        and ``names[i]`` the ONNX output holding ``tensors[i]`` (every tensor once).
     """
     if not isinstance(out, Mapping):
         raise TypeError(
@@ -317,7 +326,17 @@ def _flatten_outputs(out: Any) -> tuple[list[dict[str, Any]], list[torch.Tensor]
             f"ONNX output names collide: {dupes or [INPUT_NAME]}; rename the tasks "
             f"(a task may not be called {INPUT_NAME!r} or like another task's list element 'task.i')"
         )
-    return tasks, tensors
+    first: dict[int, str] = {}  # id(tensor) -> the ONNX output that holds it
+    unique_names: list[str] = []
+    unique: list[torch.Tensor] = []
+    for name, tensor in zip(names, tensors):
+        if id(tensor) not in first:
+            first[id(tensor)] = name
+            unique_names.append(name)
+            unique.append(tensor)
+    for t in tasks:
+        t["outputs"] = [first[id(v)] for v in (tensors[names.index(n)] for n in t["outputs"])]
+    return tasks, unique_names, unique
 
 
 class _FlatOutputs(nn.Module):
@@ -330,7 +349,7 @@ class _FlatOutputs(nn.Module):
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """image (N, C, H, W) -> flat tuple of task outputs in ONNX output order."""
-        return tuple(_flatten_outputs(self.model(image))[1])
+        return tuple(_flatten_outputs(self.model(image))[2])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -517,8 +536,7 @@ def _ort_session(path: Path, threads: int | None = None):
 def _torch_reference(model: nn.Module, image: torch.Tensor) -> dict[str, np.ndarray]:
     """Eval-mode, no-grad forward; returns ONNX output name -> float array."""
     with torch.no_grad():
-        tasks, tensors = _flatten_outputs(model(image))
-    names = [n for t in tasks for n in t["outputs"]]
+        _, names, tensors = _flatten_outputs(model(image))
     return {n: t.detach().float().cpu().numpy() for n, t in zip(names, tensors)}
 
 
@@ -588,8 +606,7 @@ def export_onnx(
         gen = torch.Generator().manual_seed(0)
         image = torch.randn(shape, generator=gen).to(device)
         with torch.no_grad():
-            tasks, tensors = _flatten_outputs(model(image))
-        names = [n for t in tasks for n in t["outputs"]]
+            tasks, names, tensors = _flatten_outputs(model(image))
         reference = {n: t.detach().float().cpu().numpy() for n, t in zip(names, tensors)}
         ranks = [t.dim() for t in tensors]
         # Trace with batch >= 2: a batch of 1 invites size-1 specialisation (broadcasting, torch.export 0/1 rule).

@@ -132,6 +132,39 @@ def test_small_model_names_parity_and_metadata(tmp_path):
     assert meta["input"]["name"] == "image"
 
 
+class SharedOutputsMT(SmallMT):
+    """Task "c" returns task "b"'s first tensor itself (as a lean model's tasks that all borrow one level)."""
+
+    def forward(self, x: torch.Tensor):
+        out = super().forward(x)
+        return {**out, "c": [out["b"][0], out["a"].mean(dim=(2, 3))]}
+
+
+def test_a_tensor_that_two_tasks_return_is_one_output_named_by_the_first(tmp_path):
+    import onnx
+
+    from gatedmtl.export import _flatten_outputs
+
+    model = _small()
+    shared = SharedOutputsMT()
+    shared.load_state_dict(model.state_dict())
+    shared.eval()
+    report = export_onnx(shared, tmp_path / "s.onnx", (1, 3, 32, 32))
+    assert list(report.outputs) == ["a", "b.0", "b.1", "c.1"]
+    assert report.tasks == {"a": ["a"], "b": ["b.0", "b.1"], "c": ["b.0", "c.1"]}
+    assert all(err <= 1e-4 for err in report.max_rel_error.values())
+    graph = onnx.load(str(report.path)).graph
+    assert [o.name for o in graph.output] == ["a", "b.0", "b.1", "c.1"]
+    assert not [n for n in graph.node if n.op_type == "Identity"], "a repeated output costs a copy in ORT"
+    meta = json.loads(ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
+                      .get_modelmeta().custom_metadata_map[METADATA_KEY])
+    assert meta["tasks"][2] == {"task": "c", "kind": "list", "outputs": ["b.0", "c.1"]}
+    # equal values in different tensors stay separate outputs: only the same tensor is merged
+    x = torch.randn(1, 3, 8, 8)
+    _, names, tensors = _flatten_outputs({"p": x, "q": x.clone(), "r": [x, x]})
+    assert names == ["p", "q"] and tensors[0] is x
+
+
 @pytest.mark.parametrize("batch", [1, 4])
 def test_batch_1_and_4_from_one_file(small_onnx, batch):
     model, path = small_onnx

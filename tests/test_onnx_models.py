@@ -4,6 +4,7 @@ logic in the graph, FLOPs that shrink as gates close, and the folded-slot shortc
 from __future__ import annotations
 
 import collections
+import json
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 import gatedmtl
-from gatedmtl.export import export_onnx, relative_error
+from gatedmtl.export import METADATA_KEY, export_onnx, relative_error
 from gatedmtl.prune import computed_slots
 from gatedmtl.verify import perturb_slots, set_gates
 
@@ -59,9 +60,12 @@ def _session(path):
 
 
 def _ort_tasks(session, x: np.ndarray, tasks) -> dict[str, list[np.ndarray]]:
+    """Each task's outputs, read through the file's task table (an output that tasks share is stored once)."""
     names = [o.name for o in session.get_outputs()]
     out = dict(zip(names, session.run(names, {"image": x})))
-    return {t: [out[n] for n in names if n == t or n.startswith(f"{t}.")] for t in tasks}
+    table = {t["task"]: t["outputs"] for t in json.loads(session.get_modelmeta().custom_metadata_map[METADATA_KEY])["tasks"]}
+    assert list(table) == list(tasks)
+    return {t: [out[n] for n in table[t]] for t in tasks}
 
 
 def _torch_tasks(model, x: np.ndarray) -> dict[str, list[torch.Tensor]]:
@@ -147,8 +151,9 @@ def test_folded_slot_shortcuts_export_exactly(gen, tmp_path):
         assert _worst(got, _torch_tasks(model, x)) <= 1e-4, pattern
         ops = _ops(path)
         assert ops["Conv"] == len(slots) * convs, pattern
-        if pattern == "closed":
-            assert ops["Concat"] == ops["Gather"] == ops["Mul"] == 0
+        if pattern == "closed":  # every task reads the shared branch's output: one ONNX output, no copies
+            assert ops["Concat"] == ops["Gather"] == ops["Mul"] == ops["Identity"] == 0
+            assert [o.name for o in _session(path).get_outputs()] == [T[0]]
         # lean checkpoints are safetensors state dicts: no shared tensors, and a fresh prune loads them
         save_file(lean.state_dict(), str(tmp_path / f"{pattern}.safetensors"))
         again = gatedmtl.prune(model).eval()
