@@ -166,3 +166,12 @@ def test_library_run_model_benchmark_and_grouping(model_file):
     assert 0 < stats["min_ms"] <= stats["median_ms"] <= stats["p90_ms"]
     with pytest.raises(run.RunnerError, match="channels"):
         run.run_model(model_file, np.zeros((1, 2, 24, 24), np.float32))
+
+
+def test_grouping_gives_an_output_that_tasks_share_to_each_of_them():
+    run = _load_runner()
+    a, b, c = (np.full((1, 2), v, np.float32) for v in (1, 2, 3))
+    structure = {"tasks": [{"task": "seg", "kind": "list", "outputs": ["seg.0", "seg.1"]},
+                           {"task": "depth", "kind": "list", "outputs": ["seg.0", "depth.1"]}]}
+    grouped = run.group_outputs({"seg.0": a, "seg.1": b, "depth.1": c}, structure)
+    assert grouped["seg"][0] is a and grouped["depth"][0] is a and grouped["depth"][1] is c
