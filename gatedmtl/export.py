@@ -327,16 +327,13 @@ def _flatten_outputs(out: Any) -> tuple[list[dict[str, Any]], list[str], list[to
             f"(a task may not be called {INPUT_NAME!r} or like another task's list element 'task.i')"
         )
     first: dict[int, str] = {}  # id(tensor) -> the ONNX output that holds it
-    unique_names: list[str] = []
-    unique: list[torch.Tensor] = []
     for name, tensor in zip(names, tensors):
-        if id(tensor) not in first:
-            first[id(tensor)] = name
-            unique_names.append(name)
-            unique.append(tensor)
+        first.setdefault(id(tensor), name)
+    output_of = {name: first[id(tensor)] for name, tensor in zip(names, tensors)}
     for t in tasks:
-        t["outputs"] = [first[id(v)] for v in (tensors[names.index(n)] for n in t["outputs"])]
-    return tasks, unique_names, unique
+        t["outputs"] = [output_of[n] for n in t["outputs"]]
+    exported = [(n, t) for n, t in zip(names, tensors) if output_of[n] == n]
+    return tasks, [n for n, _ in exported], [t for _, t in exported]
 
 
 class _FlatOutputs(nn.Module):

@@ -4,7 +4,6 @@ logic in the graph, FLOPs that shrink as gates close, and the folded-slot shortc
 from __future__ import annotations
 
 import collections
-import json
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ import torch
 from torch import nn
 
 import gatedmtl
-from gatedmtl.export import METADATA_KEY, export_onnx, relative_error
+from gatedmtl.export import export_onnx, relative_error
 from gatedmtl.prune import computed_slots
 from gatedmtl.verify import perturb_slots, set_gates
 
@@ -59,13 +58,13 @@ def _session(path):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def _ort_tasks(session, x: np.ndarray, tasks) -> dict[str, list[np.ndarray]]:
-    """Each task's outputs, read through the file's task table (an output that tasks share is stored once)."""
+def _ort_tasks(runner, session, x: np.ndarray, tasks) -> dict[str, list[np.ndarray]]:
+    """Each task's outputs as the edge runner groups them (through the file's task table: an output
+    that tasks share is stored once)."""
     names = [o.name for o in session.get_outputs()]
-    out = dict(zip(names, session.run(names, {"image": x})))
-    table = {t["task"]: t["outputs"] for t in json.loads(session.get_modelmeta().custom_metadata_map[METADATA_KEY])["tasks"]}
-    assert list(table) == list(tasks)
-    return {t: [out[n] for n in table[t]] for t in tasks}
+    grouped = runner.group_outputs(dict(zip(names, session.run(names, {"image": x}))), runner.read_structure(session))
+    assert list(grouped) == list(tasks)
+    return {t: v if isinstance(v, list) else [v] for t, v in grouped.items()}
 
 
 def _torch_tasks(model, x: np.ndarray) -> dict[str, list[torch.Tensor]]:
@@ -84,7 +83,7 @@ def gen():
 
 
 @pytest.mark.parametrize("name,build", MODELS)
-def test_lean_onnx_parity_dynamic_batch_no_gates(name, build, gen, tmp_path):
+def test_lean_onnx_parity_dynamic_batch_no_gates(name, build, gen, tmp_path, edge_runner):
     backbone = build().eval()
     model = gatedmtl.convert(backbone, T, input_size=SIZE).eval()
     perturb_slots(model, generator=gen)
@@ -97,7 +96,7 @@ def test_lean_onnx_parity_dynamic_batch_no_gates(name, build, gen, tmp_path):
     rng = np.random.default_rng(1)
     for batch in (1, 4):  # one file, two batch sizes
         x = rng.standard_normal((batch, *SIZE)).astype(np.float32)
-        got = _ort_tasks(session, x, T)
+        got = _ort_tasks(edge_runner, session, x, T)
         assert all(o.shape[0] == batch for outs in got.values() for o in outs)
         assert _worst(got, _torch_tasks(lean, x)) <= 1e-4, f"ORT vs lean torch, batch {batch}"
         assert _worst(got, _torch_tasks(model, x)) <= 1e-4, f"ORT vs gated torch, batch {batch}"
@@ -135,7 +134,7 @@ def test_flops_shrink_as_gates_close(gen):
     assert abs(flops[0] - len(T) * backbone) <= 1e-4 * flops[0]  # all open: T task branches
 
 
-def test_folded_slot_shortcuts_export_exactly(gen, tmp_path):
+def test_folded_slot_shortcuts_export_exactly(gen, tmp_path, edge_runner):
     """All gates closed: the lean graph is the plain backbone; all open: no shared slot."""
     backbone = timm.create_model("resnet18", pretrained=False).eval()
     convs = sum(isinstance(m, nn.Conv2d) for m in backbone.modules())
@@ -147,7 +146,7 @@ def test_folded_slot_shortcuts_export_exactly(gen, tmp_path):
         lean = gatedmtl.prune(model).eval()
         assert lean.slots == slots == computed_slots(model)
         path = export_onnx(lean, tmp_path / f"{pattern}.onnx", (1, *SIZE), check=False).path
-        got = _ort_tasks(_session(path), x, T)
+        got = _ort_tasks(edge_runner, _session(path), x, T)
         assert _worst(got, _torch_tasks(model, x)) <= 1e-4, pattern
         ops = _ops(path)
         assert ops["Conv"] == len(slots) * convs, pattern
@@ -161,4 +160,4 @@ def test_folded_slot_shortcuts_export_exactly(gen, tmp_path):
             for p in again.parameters():
                 p.add_(1.0)
         again.load_state_dict(load_file(str(tmp_path / f"{pattern}.safetensors")), strict=True)
-        assert _worst(_ort_tasks(_session(path), x, T), _torch_tasks(again, x)) <= 1e-4, pattern
+        assert _worst(_ort_tasks(edge_runner, _session(path), x, T), _torch_tasks(again, x)) <= 1e-4, pattern

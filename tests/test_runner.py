@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -146,15 +145,8 @@ def test_cli_user_errors_exit_2(model_file, no_torch_env, tmp_path, args, messag
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
-def _load_runner():
-    spec = importlib.util.spec_from_file_location("gatedmtl_edge_run", RUN_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_library_run_model_benchmark_and_grouping(model_file):
-    run = _load_runner()
+def test_library_run_model_benchmark_and_grouping(model_file, edge_runner):
+    run = edge_runner
     x = np.random.default_rng(0).standard_normal((2, 3, 24, 24)).astype(np.float32)
     outputs = run.run_model(model_file, x, threads=1)
     assert list(outputs) == ["seg", "feats.0", "feats.1"]
@@ -168,8 +160,8 @@ def test_library_run_model_benchmark_and_grouping(model_file):
         run.run_model(model_file, np.zeros((1, 2, 24, 24), np.float32))
 
 
-def test_grouping_gives_an_output_that_tasks_share_to_each_of_them():
-    run = _load_runner()
+def test_grouping_gives_an_output_that_tasks_share_to_each_of_them(edge_runner):
+    run = edge_runner
     a, b, c = (np.full((1, 2), v, np.float32) for v in (1, 2, 3))
     structure = {"tasks": [{"task": "seg", "kind": "list", "outputs": ["seg.0", "seg.1"]},
                            {"task": "depth", "kind": "list", "outputs": ["seg.0", "depth.1"]}]}
