@@ -185,7 +185,7 @@ def test_lean_prefix_model_matches_and_restores_without_gathers(case, tmp_path):
         aligned = len(pieces) > 1 and all(p.numel() % NCHWC_BLOCK == 0 for p in pieces)
         assert isinstance(layer.branches[0], SplitBranch) == aligned
         if aligned:
-            assert [len(p.pieces) for p in [layer.branches[0]]] == [len(pieces)]
+            assert len(layer.branches[0].pieces) == len(pieces)
     assert_lean_matches(model, lean, torch.randn(2, *size, generator=torch.Generator().manual_seed(4)))
     report = export_onnx(lean, tmp_path / "lean.onnx", (1, *size))  # ORT vs torch <= 1e-4 (raises otherwise)
     assert max(report.max_rel_error.values()) <= 1e-4

@@ -131,8 +131,8 @@ def test_cli(tmp_path, capsys):
     prefix = tmp_path / "prefix.json"  # the lean layers' rows read the first piece of a split shared branch
     assert main(["resnet18", "--tasks", "seg,depth", "--density", "0.5", "--input", "1,3,32,32", "--no-latency",
                  "--mix", "hard", "--gate-structure", "prefix", "--json", str(prefix)]) == 0
-    lean = json.loads(prefix.read_text())["lean"]
-    assert lean["flops"] < json.loads(prefix.read_text())["gated"]["flops"]
+    data = json.loads(prefix.read_text())
+    assert data["lean"]["flops"] < data["gated"]["flops"]
     assert "| conv |" in capsys.readouterr().out
     assert main(["resnet18", "--density", "2", "--no-latency"]) == 2
     assert main(["no_such_model_xyz", "--no-latency"]) == 2
